@@ -1,0 +1,20 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from uploads.api import UploadViewSet
+from uploads.views import UploadPageView
+
+# "/?": clients that drop the trailing slash get the same endpoint, not a redirect they won't follow.
+router = DefaultRouter(trailing_slash="/?")
+router.register("uploads", UploadViewSet, basename="upload")
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/", include(router.urls)),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("", UploadPageView.as_view(), name="upload-page"),
+]

@@ -1,0 +1,192 @@
+"""The REST API: parse the request, call one service, render the result."""
+from __future__ import annotations
+
+from django.http import FileResponse
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import exceptions as drf_exceptions
+from rest_framework import status as http
+from rest_framework import viewsets
+from rest_framework.decorators import action
+from rest_framework.parsers import BaseParser, JSONParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from . import selectors, services, storage
+from .exceptions import LengthRequired, NotComplete, UnsupportedMediaType, UploadError
+from .models import Status, UploadSession
+from .serializers import ErrorSerializer, UploadCreateSerializer, UploadSerializer
+from .validation import InvalidRequest, parse_content_digest, parse_content_range, parse_non_negative_int
+
+CHUNK_CONTENT_TYPE = "application/octet-stream"
+# A creation request is a few hundred bytes of JSON; refuse to parse megabytes of it.
+MAX_JSON_BYTES = 64 * 1024
+_UUID = "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+
+
+class BoundedJSONParser(JSONParser):
+    def parse(self, stream, media_type=None, parser_context=None):
+        request = (parser_context or {}).get("request")
+        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
+        if declared and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+            raise drf_exceptions.ParseError(f"JSON bodies are limited to {MAX_JSON_BYTES} bytes.")
+        return super().parse(stream, media_type, parser_context)
+
+
+class ChunkParser(BaseParser):
+    """Declares that PUT takes raw bytes. It is never asked to parse: the view streams the body
+    itself, block by block, instead of letting a parser read it into memory."""
+
+    media_type = CHUNK_CONTENT_TYPE
+
+    def parse(self, stream, media_type=None, parser_context=None):  # pragma: no cover
+        raise drf_exceptions.ParseError("Chunk bodies are streamed, not parsed.")
+
+
+class UploadFilter(filters.FilterSet):
+    filename = filters.CharFilter(field_name="filename", lookup_expr="exact")
+    status = filters.ChoiceFilter(choices=Status.choices)
+
+    class Meta:
+        model = UploadSession
+        fields = ["filename", "status"]
+
+
+ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 403, 404)}
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Your uploads, newest first"),
+    retrieve=extend_schema(summary="One upload, with its current offset", responses={200: UploadSerializer, **ERRORS}),
+    destroy=extend_schema(summary="Cancel or delete an upload and its file", responses={204: None, **ERRORS}),
+)
+class UploadViewSet(viewsets.GenericViewSet):
+    serializer_class = UploadSerializer
+    filterset_class = UploadFilter
+    lookup_value_regex = _UUID
+    parser_classes = [BoundedJSONParser]
+
+    def get_queryset(self):
+        return selectors.uploads_for_user(user=self.request.user)
+
+    def get_parsers(self):
+        if getattr(self, "action", None) == "update" or self.request.method == "PUT":
+            return [ChunkParser()]
+        return super().get_parsers()
+
+    def _upload(self) -> UploadSession:
+        return selectors.upload_get_for_user(user=self.request.user, upload_id=self.kwargs["pk"])
+
+    def _render(self, upload: UploadSession, status: int = http.HTTP_200_OK) -> Response:
+        return Response(self.get_serializer(upload).data, status=status)
+
+    def list(self, request: Request) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Start an upload, or resume yours of the same file name and size",
+        request=UploadCreateSerializer,
+        responses={201: UploadSerializer, 200: UploadSerializer, 413: ErrorSerializer, 429: ErrorSerializer, **ERRORS},
+    )
+    def create(self, request: Request) -> Response:
+        serializer = UploadCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        upload, created = services.upload_create(owner=request.user, **serializer.validated_data)
+        return self._render(upload, http.HTTP_201_CREATED if created else http.HTTP_200_OK)
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return self._render(self._upload())
+
+    @extend_schema(
+        summary="Append one chunk at the current offset",
+        description=(
+            "The body is the raw chunk. `Content-Range: bytes START-END/SIZE` (END inclusive) must "
+            "start at the upload's `offset` and SIZE must be its declared size; otherwise 409 with "
+            "the current `offset`. Progress is committed while the body streams: after an "
+            "interruption, GET the upload and continue from its `offset`. With `Content-Digest: "
+            "sha-256=:<base64>:` the chunk is all or nothing (422 on mismatch)."
+        ),
+        request={CHUNK_CONTENT_TYPE: OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter("Content-Range", str, OpenApiParameter.HEADER, required=True),
+            OpenApiParameter("Content-Digest", str, OpenApiParameter.HEADER),
+        ],
+        responses={
+            200: UploadSerializer,
+            **ERRORS,
+            **{code: OpenApiResponse(ErrorSerializer) for code in (409, 410, 411, 413, 415, 422, 423, 507)},
+        },
+    )
+    def update(self, request: Request, pk: str) -> Response:
+        upload = self._upload()
+        content_type = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if content_type != CHUNK_CONTENT_TYPE:
+            raise UnsupportedMediaType()
+        raw_length = request.META.get("CONTENT_LENGTH")
+        if not raw_length:
+            raise LengthRequired("Content-Length is required; chunked request bodies are not accepted.")
+        length = parse_non_negative_int(raw_length, "Content-Length")
+        content_range = parse_content_range(request.headers.get("Content-Range"))
+        if content_range.total != upload.size:
+            raise InvalidRequest(
+                f"Content-Range SIZE {content_range.total} differs from the upload's size {upload.size}."
+            )
+        if content_range.length != length:
+            raise InvalidRequest(
+                f"Content-Length {length} differs from the {content_range.length} bytes Content-Range names."
+            )
+        digest = parse_content_digest(request.headers.get("Content-Digest"))
+        upload = services.upload_append(
+            upload=upload, offset=content_range.start, stream=request.stream, length=length, digest=digest
+        )
+        return self._render(upload)
+
+    def destroy(self, request: Request, pk: str) -> Response:
+        services.upload_delete(upload=self._upload())
+        return Response(status=http.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        summary="Download a completed upload",
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 409: ErrorSerializer, **ERRORS},
+    )
+    @action(detail=True, methods=["get"], url_path="content")
+    def content(self, request: Request, pk: str) -> FileResponse:
+        upload = self._upload()
+        if upload.status != Status.COMPLETE:
+            raise NotComplete(offset=upload.offset)
+        response = FileResponse(
+            storage.open_final(upload.file), as_attachment=True, filename=upload.filename,
+            content_type="application/octet-stream",
+        )
+        # User content is never rendered by the browser (RELIABILITY.md J1).
+        response["X-Content-Type-Options"] = "nosniff"
+        response["Content-Security-Policy"] = "sandbox; default-src 'none'"
+        response["Cache-Control"] = "private, no-cache"
+        return response
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """Every error as JSON `{"detail": ..., "code": ...}` plus recovery facts such as `offset`."""
+    if isinstance(exc, UploadError):
+        response = Response({"detail": exc.detail, "code": exc.code, **exc.extra()}, status=exc.status_code)
+        if exc.status_code in (423, 503, 507):
+            response["Retry-After"] = "1"
+        return response
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, drf_exceptions.ValidationError):
+        response.data = {"detail": _flatten(exc.detail), "code": "invalid", "errors": exc.detail}
+    elif response is not None and isinstance(response.data, dict) and "detail" in response.data:
+        response.data["code"] = getattr(response.data["detail"], "code", "error")
+    return response
+
+
+def _flatten(detail: object, prefix: str = "") -> str:
+    if isinstance(detail, dict):
+        return "; ".join(_flatten(value, f"{prefix}{key}: ") for key, value in detail.items())
+    if isinstance(detail, list):
+        return "; ".join(_flatten(item, prefix) for item in detail)
+    return f"{prefix}{detail}"

@@ -1,0 +1,54 @@
+"""Read-only queries. Writes live in services.py."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from .exceptions import UploadNotFound
+from .models import Status, UploadSession
+
+
+def uploads_for_user(*, user: AbstractBaseUser) -> QuerySet[UploadSession]:
+    return UploadSession.objects.filter(owner=user).order_by("-created_at")
+
+
+def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
+    """The caller's upload; another user's upload is "not found", so ids leak nothing (RELIABILITY K1)."""
+    try:
+        return uploads_for_user(user=user).get(pk=upload_id)
+    except (UploadSession.DoesNotExist, ValueError, TypeError) as exc:
+        raise UploadNotFound() from exc
+
+
+def upload_resumable_by_name(
+    *, user: AbstractBaseUser, filename: str, size: int, checksum: str = ""
+) -> UploadSession | None:
+    """The caller's unfinished, unexpired upload of this file name and size (the seed's resume by name).
+
+    A request without a checksum matches any; one with a checksum matches only the same checksum,
+    so declaring a different digest starts a new upload instead of appending to another file.
+    """
+    candidates = uploads_for_user(user=user).filter(
+        filename=filename, size=size, status=Status.PARTIAL, expires_at__gt=timezone.now()
+    )
+    if checksum:
+        candidates = candidates.filter(checksum=checksum)
+    return candidates.order_by("-updated_at").first()
+
+
+def uploads_expired(*, now: datetime | None = None) -> QuerySet[UploadSession]:
+    return UploadSession.objects.filter(status=Status.PARTIAL, expires_at__lte=now or timezone.now())
+
+
+def upload_ids_existing(ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    return set(UploadSession.objects.filter(pk__in=ids).values_list("pk", flat=True))
+
+
+def upload_ids_partial(ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    return set(
+        UploadSession.objects.filter(pk__in=ids, status=Status.PARTIAL).values_list("pk", flat=True)
+    )

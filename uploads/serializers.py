@@ -1,0 +1,71 @@
+"""What the REST API accepts and returns."""
+from __future__ import annotations
+
+from django.urls import reverse
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from .models import Status, UploadSession
+
+
+class UploadCreateSerializer(serializers.Serializer):
+    """Only the shape is checked here; the engine (services.upload_create) owns the rules."""
+
+    filename = serializers.CharField(max_length=4096, trim_whitespace=False)
+    size = serializers.JSONField(help_text="Declared size in bytes, a non-negative JSON integer.")
+    checksum = serializers.CharField(
+        required=False, allow_blank=True, max_length=128,
+        help_text="Optional whole-file digest, `sha256:<64 hex digits>`; verified when the last byte lands.",
+    )
+
+
+class UploadSerializer(serializers.ModelSerializer):
+    status = serializers.SerializerMethodField()
+    checksum = serializers.SerializerMethodField()
+    sha256 = serializers.SerializerMethodField()
+    url = serializers.SerializerMethodField()
+    content_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = UploadSession
+        fields = [
+            "id", "filename", "size", "offset", "status", "checksum", "sha256", "error",
+            "created_at", "updated_at", "completed_at", "expires_at", "url", "content_url",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.ChoiceField(choices=Status.choices))
+    def get_status(self, upload: UploadSession) -> str:
+        # An idle partial past its expiry is expired even before the cleanup command marks it.
+        if (
+            upload.status == Status.PARTIAL
+            and upload.expires_at is not None
+            and upload.expires_at <= timezone.now()
+        ):
+            return Status.EXPIRED
+        return upload.status
+
+    def get_checksum(self, upload: UploadSession) -> str | None:
+        return upload.checksum or None
+
+    def get_sha256(self, upload: UploadSession) -> str | None:
+        return upload.sha256 or None
+
+    def _absolute(self, path: str) -> str:
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+    def get_url(self, upload: UploadSession) -> str:
+        return self._absolute(reverse("upload-detail", args=[upload.pk]))
+
+    def get_content_url(self, upload: UploadSession) -> str | None:
+        if upload.status != Status.COMPLETE:
+            return None
+        return self._absolute(reverse("upload-content", args=[upload.pk]))
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField()
+    offset = serializers.IntegerField(required=False, help_text="The committed offset, where relevant.")

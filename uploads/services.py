@@ -1,0 +1,413 @@
+"""The upload engine: the only code that changes uploads. Every front end calls these.
+
+The write protocol for one chunk (RELIABILITY.md §3), in this order:
+lock the upload → compare the claimed start with the committed offset → cut any unacknowledged
+tail → write in fixed blocks → fsync → commit the new offset with a conditional UPDATE → update
+Redis after the commit → respond. A long request repeats fsync → commit → Redis every
+`UPLOADS_COMMIT_BYTES` or `UPLOADS_COMMIT_INTERVAL` as it streams (the seed's "save the read size in
+every loop"), so an interrupted request keeps what was durably received. A crash anywhere leaves the
+committed offset at or below the bytes on disk, and the next writer truncates the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from . import locks, progress, selectors, storage
+from .conf import conf
+from .exceptions import (
+    ChecksumMismatch,
+    IncompleteBody,
+    InvalidRequest,
+    OffsetMismatch,
+    StorageFailure,
+    StorageFull,
+    TooLarge,
+    TooManyUploads,
+    UploadComplete,
+    UploadError,
+    UploadGone,
+)
+from .models import Status, UploadSession
+from .validation import ChunkDigest, clean_filename, parse_checksum
+
+logger = logging.getLogger(__name__)
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+# --- Creation -----------------------------------------------------------------------------------
+
+
+def upload_create(
+    *, owner: AbstractBaseUser, filename: object, size: object, checksum: object = ""
+) -> tuple[UploadSession, bool]:
+    """Start an upload, or return the owner's unfinished one of the same name and size.
+
+    Returns `(upload, created)`. A zero-byte upload is complete at once.
+    """
+    filename = clean_filename(filename)
+    size = _validate_size(size)
+    checksum = parse_checksum(checksum) if checksum is not None else ""
+
+    with transaction.atomic():
+        # Serialise creates per user so resume-by-name and the active-upload cap hold under a burst
+        # of parallel requests (RELIABILITY.md H9); a cache-based throttle would not.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        existing = selectors.upload_resumable_by_name(
+            user=owner, filename=filename, size=size, checksum=checksum
+        )
+        if existing is not None:
+            transaction.on_commit(lambda: progress.record(existing, existing.offset))
+            return existing, False
+        if conf.MAX_ACTIVE_PER_USER and (
+            selectors.uploads_for_user(user=owner).filter(status=Status.PARTIAL).count()
+            >= conf.MAX_ACTIVE_PER_USER
+        ):
+            raise TooManyUploads(
+                f"You have {conf.MAX_ACTIVE_PER_USER} unfinished uploads; finish or cancel some first."
+            )
+        now = timezone.now()
+        upload = UploadSession(
+            id=uuid.uuid4(),
+            owner=owner,
+            filename=filename,
+            size=size,
+            checksum=checksum,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + conf.EXPIRY,
+        )
+        if size == 0:
+            _create_empty(upload)
+        else:
+            # The file exists durably before the row that points to it (RELIABILITY.md §3).
+            storage.create_partial(upload.id)
+            upload.save(force_insert=True)
+            transaction.on_commit(lambda: progress.record(upload, 0))
+    return upload, True
+
+
+def _validate_size(size: object) -> int:
+    # JSON gives ints; bool is an int subclass and must not pass as 0/1.
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequest("size must be a non-negative integer (bytes).")
+    if size > conf.MAX_SIZE:
+        raise TooLarge(f"size exceeds the maximum upload size of {conf.MAX_SIZE} bytes.")
+    return size
+
+
+def _create_empty(upload: UploadSession) -> None:
+    if upload.checksum and upload.checksum != f"sha256:{EMPTY_SHA256}":
+        raise ChecksumMismatch("An empty file cannot match the declared checksum.")
+    upload.file = storage.create_empty_final(upload.id, upload.filename)
+    upload.sha256 = EMPTY_SHA256
+    upload.status = Status.COMPLETE
+    upload.completed_at = upload.created_at
+    upload.expires_at = None
+    upload.save(force_insert=True)
+    transaction.on_commit(lambda: progress.record(upload, 0))
+
+
+# --- Appending ----------------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """Reading the request body failed: the client disconnected or timed out."""
+
+
+@dataclass
+class _Append:
+    """The state of one request's write: what is on disk and what is committed."""
+
+    upload: UploadSession
+    writer: storage.PartialWriter
+    committed: int
+    last_commit_at: float = field(default_factory=time.monotonic)
+
+    def commit(self) -> None:
+        """fsync the bytes written so far, then record them (DB, then Redis)."""
+        if self.writer.position == self.committed:
+            return
+        self.writer.sync()
+        _commit_offset(self.upload, old=self.committed, new=self.writer.position)
+        self.committed = self.writer.position
+        self.last_commit_at = time.monotonic()
+
+    def due(self) -> bool:
+        return (
+            self.writer.position - self.committed >= conf.COMMIT_BYTES
+            or time.monotonic() - self.last_commit_at >= conf.COMMIT_INTERVAL
+        )
+
+
+def upload_append(
+    *,
+    upload: UploadSession,
+    offset: int,
+    stream: BinaryIO,
+    length: int,
+    digest: ChunkDigest | None = None,
+) -> UploadSession:
+    """Append `length` bytes read from `stream` at `offset`; finalize when the last byte lands.
+
+    Without a `digest`, progress is committed as the body streams and an interrupted body keeps
+    what was durably received (IncompleteBody carries the new offset). With a digest the request
+    is all or nothing: it is verified before anything is committed.
+    """
+    with locks.upload_lock(upload.pk):
+        upload.refresh_from_db()
+        _check_writable(upload)
+        if offset != upload.offset:
+            raise OffsetMismatch(
+                f"The upload's offset is {upload.offset}, not {offset}; send from {upload.offset}.",
+                offset=upload.offset,
+            )
+        if offset + length > upload.size:
+            raise TooLarge(
+                f"The chunk ends at byte {offset + length}, beyond the declared size {upload.size}.",
+                offset=upload.offset,
+            )
+        if length:
+            _write(upload, stream=stream, length=length, digest=digest)
+        if upload.offset == upload.size:
+            _finalize(upload)
+    return upload
+
+
+def _check_writable(upload: UploadSession) -> None:
+    if upload.status == Status.COMPLETE:
+        raise UploadComplete(offset=upload.offset, status=upload.status)
+    if upload.status in (Status.FAILED, Status.EXPIRED):
+        raise UploadGone(f"The upload is {upload.status}; start a new one.", status=upload.status)
+    if upload.expires_at is not None and upload.expires_at <= timezone.now():
+        _expire_locked(upload)
+        raise UploadGone("The upload expired; start a new one.", status=upload.status)
+
+
+def _write(upload: UploadSession, *, stream: BinaryIO, length: int, digest: ChunkDigest | None) -> None:
+    hasher = hashlib.new(digest.algorithm) if digest else None
+    with storage.PartialWriter(upload.pk, upload.offset) as writer:
+        start = upload.offset
+        end = start + length
+        state = _Append(upload=upload, writer=writer, committed=start)
+        try:
+            while writer.position < end:
+                block = _read(stream, min(conf.BLOCK_SIZE, end - writer.position))
+                if not block:
+                    break
+                writer.write(block)
+                if hasher is not None:
+                    hasher.update(block)
+                elif state.due():
+                    state.commit()
+        except _ClientGone:
+            _keep_or_discard(state, keep=hasher is None)
+            raise IncompleteBody(
+                "The connection broke before the whole chunk arrived.", offset=state.committed
+            ) from None
+        except (StorageFull, StorageFailure):
+            # The tail past the committed offset is unknown (RELIABILITY X6, D4): drop it.
+            writer.truncate(state.committed)
+            raise
+        if writer.position < end:
+            _keep_or_discard(state, keep=hasher is None)
+            raise IncompleteBody(
+                f"The body ended after {writer.position - start} of {length} bytes.",
+                offset=state.committed,
+            )
+        if hasher is not None and not hmac.compare_digest(hasher.digest(), digest.expected):
+            writer.truncate(state.committed)
+            raise ChecksumMismatch(
+                "The chunk does not match its Content-Digest; it was discarded.", offset=state.committed
+            )
+        try:
+            state.commit()
+        except (StorageFull, StorageFailure):
+            writer.truncate(state.committed)
+            raise
+
+
+def _keep_or_discard(state: _Append, *, keep: bool) -> None:
+    """After an interrupted body: make the received prefix durable, or drop it."""
+    if keep:
+        try:
+            state.commit()
+            return
+        except UploadError:
+            pass
+    state.writer.truncate(state.committed)
+
+
+def _read(stream: BinaryIO, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except Exception as exc:  # noqa: BLE001 - every server raises its own kind on a broken body
+        raise _ClientGone() from exc
+
+
+def _commit_offset(upload: UploadSession, *, old: int, new: int) -> None:
+    """Move the committed offset from `old` to `new`, only if nobody else moved it meanwhile."""
+    now = timezone.now()
+    expires_at = now + conf.EXPIRY
+    with transaction.atomic():
+        updated = UploadSession.objects.filter(pk=upload.pk, offset=old, status=Status.PARTIAL).update(
+            offset=new, updated_at=now, expires_at=expires_at
+        )
+        if updated != 1:
+            _raise_fenced(upload)
+        transaction.on_commit(lambda: progress.record(upload, new))
+    upload.offset, upload.updated_at, upload.expires_at = new, now, expires_at
+
+
+def _raise_fenced(upload: UploadSession) -> None:
+    current = UploadSession.objects.filter(pk=upload.pk).values("offset", "status").first()
+    if current is None or current["status"] != Status.PARTIAL:
+        raise UploadGone("The upload was cancelled or ended while this chunk was being received.")
+    raise OffsetMismatch("Another request moved the offset.", offset=current["offset"])
+
+
+# --- Completion ---------------------------------------------------------------------------------
+
+
+def _finalize(upload: UploadSession) -> None:
+    """Verify and publish a fully received upload. Call with the upload's lock held.
+
+    Idempotent: after a crash at any step, calling it again finishes the job exactly once.
+    """
+    name = storage.final_name(upload.pk, upload.filename)
+    if storage.partial_size(upload.pk) is not None:
+        sha256 = storage.sha256_of_partial(upload.pk)
+    else:
+        # An earlier attempt moved the file but died before recording it (RELIABILITY A3).
+        try:
+            sha256 = storage.sha256_of_final(name)
+        except FileNotFoundError as exc:
+            raise StorageFailure("The data of this upload is missing.") from exc
+    if upload.checksum and upload.checksum != f"sha256:{sha256}":
+        _fail(upload, f"SHA-256 {sha256} does not match the declared checksum.", final_name=name)
+        raise ChecksumMismatch(
+            "The file's SHA-256 does not match the declared checksum; the upload failed.",
+            status=Status.FAILED,
+        )
+    name = storage.publish(upload.pk, upload.filename)
+    now = timezone.now()
+    with transaction.atomic():
+        updated = UploadSession.objects.filter(
+            pk=upload.pk, status=Status.PARTIAL, offset=upload.size
+        ).update(
+            status=Status.COMPLETE,
+            file=name,
+            sha256=sha256,
+            completed_at=now,
+            updated_at=now,
+            expires_at=None,
+        )
+        if updated != 1:
+            _raise_fenced(upload)
+        transaction.on_commit(lambda: progress.record(upload, upload.size))
+    upload.refresh_from_db()
+    logger.info("upload %s complete: %s (%d bytes)", upload.pk, upload.filename, upload.size)
+
+
+def _fail(upload: UploadSession, reason: str, *, final_name: str = "") -> None:
+    storage.delete_partial(upload.pk)
+    if final_name:
+        storage.delete_final(final_name)
+    now = timezone.now()
+    UploadSession.objects.filter(pk=upload.pk).update(
+        status=Status.FAILED, error=reason[:255], updated_at=now, expires_at=None
+    )
+    progress.forget(upload)
+    upload.refresh_from_db()
+    logger.warning("upload %s failed: %s", upload.pk, reason)
+
+
+# --- Ending uploads -----------------------------------------------------------------------------
+
+
+def upload_delete(*, upload: UploadSession) -> None:
+    """Remove the upload, its partial or final file and its running total."""
+    with locks.upload_lock(upload.pk):
+        storage.delete_partial(upload.pk)
+        current = UploadSession.objects.filter(pk=upload.pk).values_list("file", flat=True).first()
+        if current:
+            storage.delete_final(current)
+        UploadSession.objects.filter(pk=upload.pk).delete()
+        progress.forget(upload)
+
+
+def upload_abort(*, upload: UploadSession, reason: str = "Aborted.") -> UploadSession:
+    """Stop an unfinished upload: its partial file goes, the row stays as failed (for the record)."""
+    with locks.upload_lock(upload.pk):
+        upload.refresh_from_db()
+        if upload.status == Status.PARTIAL:
+            _fail(upload, reason)
+    return upload
+
+
+def _expire_locked(upload: UploadSession) -> None:
+    storage.delete_partial(upload.pk)
+    UploadSession.objects.filter(pk=upload.pk, status=Status.PARTIAL).update(
+        status=Status.EXPIRED, updated_at=timezone.now()
+    )
+    progress.forget(upload)
+    upload.refresh_from_db()
+
+
+def upload_expire(*, upload: UploadSession) -> bool:
+    """Expire an idle partial upload. Skips (returns False) one that a request is writing to."""
+    try:
+        with locks.upload_lock(upload.pk, timeout=0):
+            upload.refresh_from_db()
+            if upload.status != Status.PARTIAL or upload.expires_at is None:
+                return False
+            if upload.expires_at > timezone.now():
+                return False  # renewed by a chunk since it was selected
+            _expire_locked(upload)
+            return True
+    except UploadError:
+        return False
+
+
+@dataclass
+class CleanupReport:
+    expired: list[UploadSession] = field(default_factory=list)
+    skipped_busy: list[UploadSession] = field(default_factory=list)
+    orphaned_files: list[str] = field(default_factory=list)
+
+
+def uploads_cleanup(*, dry_run: bool = False) -> CleanupReport:
+    """Expire idle partial uploads and delete partial files no unfinished upload owns.
+
+    Completed uploads are never touched. Safe to run again after being killed half-way.
+    """
+    report = CleanupReport()
+    for upload in selectors.uploads_expired():
+        if dry_run:
+            report.expired.append(upload)
+        elif upload_expire(upload=upload):
+            report.expired.append(upload)
+        else:
+            report.skipped_busy.append(upload)
+
+    # Files younger than the expiry window may belong to an upload being created right now.
+    stale = list(storage.stale_partial_files(older_than_seconds=conf.EXPIRY.total_seconds()))
+    live = selectors.upload_ids_partial([upload_id for upload_id, _ in stale if upload_id])
+    for upload_id, path in stale:
+        if upload_id in live:
+            continue
+        report.orphaned_files.append(str(path))
+        if not dry_run:
+            storage.remove_file(path)
+    return report

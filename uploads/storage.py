@@ -1,0 +1,297 @@
+"""The only module that touches files: partial files, lock files, and publishing completed files.
+
+Partial data lives at `MEDIA_ROOT/<UPLOADS_PARTIAL_DIR>/<upload id>.part`, a name the server makes
+from the upload's random id, never from anything the client sent. It is written in place at explicit
+offsets (`pwrite`), so truncating an unacknowledged tail and writing again is always safe. Completed
+files are handed to a Django storage backend (`UPLOADS_STORAGE`) under a name derived from the id;
+with the file-system backend that is a rename on the same file system, so it costs no copy.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+
+from .conf import conf
+from .exceptions import StorageFailure, StorageFull
+
+PARTIAL_SUFFIX = ".part"
+LOCK_SUFFIX = ".lock"
+HASH_BLOCK = 4 * 1024 * 1024
+_SAFE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,16}\Z", re.ASCII)
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _raise_storage_error(exc: OSError) -> None:
+    if exc.errno in _NO_SPACE:
+        raise StorageFull() from exc
+    raise StorageFailure() from exc
+
+
+def partial_dir() -> Path:
+    media_root = Path(settings.MEDIA_ROOT).resolve()
+    path = (media_root / conf.PARTIAL_DIR).resolve()
+    # UPLOADS_PARTIAL_DIR is configuration, but a symlink or '..' must still not lead outside.
+    if media_root not in path.parents:
+        raise StorageFailure("UPLOADS_PARTIAL_DIR must be inside MEDIA_ROOT.")
+    return path
+
+
+def partial_path(upload_id: uuid.UUID) -> Path:
+    return partial_dir() / f"{uuid.UUID(str(upload_id)).hex}{PARTIAL_SUFFIX}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_partial(upload_id: uuid.UUID) -> None:
+    """Create the empty partial file durably (file and directory entry) before the row exists."""
+    directory = partial_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # O_EXCL|O_NOFOLLOW: never reuse or follow something planted at this name (RELIABILITY I7).
+        fd = os.open(
+            partial_path(upload_id),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            settings.FILE_UPLOAD_PERMISSIONS or 0o640,
+        )
+        try:
+            if conf.FSYNC:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if conf.FSYNC:
+            _fsync_dir(directory)
+    except OSError as exc:
+        _raise_storage_error(exc)
+
+
+def partial_size(upload_id: uuid.UUID) -> int | None:
+    try:
+        return os.stat(partial_path(upload_id), follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return None
+
+
+def delete_partial(upload_id: uuid.UUID) -> None:
+    for path in (partial_path(upload_id), lock_path(upload_id)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class PartialWriter:
+    """Writes one request's bytes into a partial file at explicit offsets.
+
+    Opening truncates the file to the committed offset first: anything past it was never
+    acknowledged (a crash between write and commit), and the chunk being written replaces it.
+    """
+
+    def __init__(self, upload_id: uuid.UUID, offset: int) -> None:
+        self.position = offset
+        try:
+            self._fd = os.open(partial_path(upload_id), os.O_WRONLY | os.O_NOFOLLOW)
+        except FileNotFoundError as exc:
+            # The row says partial but its file is gone (deleted by hand, lost disk): the bytes
+            # the client was told are stored no longer are, so the upload cannot go on.
+            raise StorageFailure("The partial data of this upload is missing.") from exc
+        except OSError as exc:
+            _raise_storage_error(exc)
+        try:
+            if os.fstat(self._fd).st_size != offset:
+                os.ftruncate(self._fd, offset)
+        except OSError as exc:
+            self.close()
+            _raise_storage_error(exc)
+
+    @property
+    def size_on_disk(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                # A write may land only partly (RELIABILITY X6); loop until done or an error.
+                written = os.pwrite(self._fd, view, self.position)
+                self.position += written
+                view = view[written:]
+        except OSError as exc:
+            _raise_storage_error(exc)
+
+    def sync(self) -> None:
+        if not conf.FSYNC:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            # fsyncgate: after a failed fsync the page cache may have dropped the data; never retry
+            # and ack. The caller truncates back to the committed offset and refuses the chunk.
+            _raise_storage_error(exc)
+
+    def truncate(self, offset: int) -> None:
+        """Drop everything past `offset` (used to discard an unacknowledged or rejected tail)."""
+        try:
+            os.ftruncate(self._fd, offset)
+            self.position = offset
+        except OSError:
+            # Not fatal: the next writer truncates to the committed offset before writing.
+            pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> PartialWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def sha256_of_partial(upload_id: uuid.UUID) -> str:
+    """Hash the partial file cold from disk: the only digest that survives crashes (RELIABILITY G6)."""
+    digest = hashlib.sha256()
+    try:
+        with open(partial_path(upload_id), "rb") as handle:
+            while block := handle.read(HASH_BLOCK):
+                digest.update(block)
+    except OSError as exc:
+        _raise_storage_error(exc)
+    return digest.hexdigest()
+
+
+# --- Completed files --------------------------------------------------------------------------
+
+
+def final_storage() -> Storage:
+    return storages[conf.STORAGE]
+
+
+def final_name(upload_id: uuid.UUID, filename: str) -> str:
+    """`uploads/<id>/<id><.ext>`: derived from the id, so finalising twice targets the same name,
+    and never containing user text beyond a plain ASCII extension."""
+    upload_hex = uuid.UUID(str(upload_id)).hex
+    ext = os.path.splitext(filename)[1]
+    ext = ext.lower() if _SAFE_EXTENSION.match(ext) else ""
+    return f"{conf.COMPLETE_PREFIX}/{upload_hex}/{upload_hex}{ext}"
+
+
+class _PartialFile(File):
+    """Lets FileSystemStorage move the partial into place instead of copying it."""
+
+    def temporary_file_path(self) -> str:
+        return self.name
+
+
+def publish(upload_id: uuid.UUID, filename: str) -> str:
+    """Move the finished partial file to its final storage name and return that name.
+
+    Idempotent: when an earlier attempt already moved the file (a crash before the database
+    recorded it), the file found at the final name is adopted.
+    """
+    storage = final_storage()
+    name = final_name(upload_id, filename)
+    source = partial_path(upload_id)
+    if not source.exists():
+        if storage.exists(name):
+            return name
+        raise StorageFailure("The data of this upload is missing.")
+    if storage.exists(name):
+        # A copy to a non-local backend was interrupted before the partial was removed.
+        storage.delete(name)
+    try:
+        with _PartialFile(open(source, "rb"), name=str(source)) as content:
+            saved = storage.save(name, content)
+    except OSError as exc:
+        _raise_storage_error(exc)
+    if source.exists():  # backends that copy rather than move
+        source.unlink()
+    try:
+        local_path = Path(storage.path(saved))
+    except NotImplementedError:
+        local_path = None
+    if local_path is not None and conf.FSYNC:
+        _fsync_dir(local_path.parent)
+        _fsync_dir(partial_dir())
+    lock_path(upload_id).unlink(missing_ok=True)
+    return saved
+
+
+def create_empty_final(upload_id: uuid.UUID, filename: str) -> str:
+    """A zero-byte upload is complete at creation; give it a real (empty) file."""
+    create_partial(upload_id)
+    return publish(upload_id, filename)
+
+
+def open_final(name: str) -> File:
+    return final_storage().open(name, "rb")
+
+
+def final_size(name: str) -> int:
+    return final_storage().size(name)
+
+
+def delete_final(name: str) -> None:
+    if name:
+        final_storage().delete(name)
+
+
+def sha256_of_final(name: str) -> str:
+    digest = hashlib.sha256()
+    with final_storage().open(name, "rb") as handle:
+        for block in handle.chunks(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- Locks and housekeeping -------------------------------------------------------------------
+
+
+def lock_path(upload_id: uuid.UUID) -> Path:
+    return partial_dir() / f"{uuid.UUID(str(upload_id)).hex}{LOCK_SUFFIX}"
+
+
+def open_lock_file(upload_id: uuid.UUID) -> int:
+    """An fd on the upload's lock file, for `flock` (see locks.py)."""
+    partial_dir().mkdir(parents=True, exist_ok=True)
+    return os.open(lock_path(upload_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+
+def stale_partial_files(older_than_seconds: float) -> Iterator[tuple[uuid.UUID | None, Path]]:
+    """Files in the partial directory untouched for a while, with the upload id their name encodes."""
+    directory = partial_dir()
+    if not directory.is_dir():
+        return
+    cutoff = time.time() - older_than_seconds
+    for entry in os.scandir(directory):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+            continue
+        stem = entry.name.removesuffix(PARTIAL_SUFFIX).removesuffix(LOCK_SUFFIX)
+        try:
+            upload_id: uuid.UUID | None = uuid.UUID(hex=stem)
+        except ValueError:
+            upload_id = None
+        yield upload_id, Path(entry.path)
+
+
+def remove_file(path: Path) -> None:
+    path.unlink(missing_ok=True)
