@@ -5,6 +5,7 @@ fresh checkout runs with no configuration (SQLite, local Redis) and production o
 The `UPLOADS_*` variables are documented in README.md; their defaults live in `uploads/conf.py`.
 """
 import os
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -107,8 +108,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
-    # Tests that start a real server in another process need a database file, not :memory:.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test-db.sqlite3")}
+    # Tests that start a real server in another process need a database file, not :memory:;
+    # one per test process, so two runs on one machine never delete each other's.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.path.join(tempfile.gettempdir(), f"resumable-uploads-test-{os.getpid()}.sqlite3")
+    }
+elif os.environ.get("TEST_DB_PER_PROCESS", "1") == "1":
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -22,15 +22,29 @@ def media_root(settings, tmp_path):
 
 @pytest.fixture(autouse=True)
 def clean_redis(settings):
-    """Start each test with empty Redis databases (only the test ones: see the Makefile)."""
+    """Start each test with no Redis keys of its own.
+
+    Only the test databases (see the Makefile) are touched, and each test process gets its own key
+    prefix, so two runs on one machine do not delete each other's keys.
+    """
+    caches_setting = {alias: dict(config) for alias, config in settings.CACHES.items()}
     for alias in ("default", "uploads"):
-        location = settings.CACHES[alias]["LOCATION"]
-        assert os.environ.get("UPLOADS_TEST_ALLOW_FLUSH") == "1" or location.endswith(("/14", "/15")), (
-            f"Refusing to flush Redis {location!r}: run tests with REDIS_URL=redis://127.0.0.1:6379/14"
+        location = caches_setting[alias]["LOCATION"]
+        assert location.endswith(("/14", "/15")), (
+            f"Refusing to use Redis {location!r} in tests: run them with "
+            "REDIS_URL=redis://127.0.0.1:6379/14 (make test does)"
         )
-        caches[alias].clear()
+        caches_setting[alias]["KEY_PREFIX"] = f"{caches_setting[alias].get('KEY_PREFIX', '')}-t{os.getpid()}"
+    settings.CACHES = caches_setting
+    for alias in ("default", "uploads"):
+        caches[alias].delete_pattern("*")
     progress.reset_backoff()
     yield
+    for alias in ("default", "uploads"):
+        try:
+            caches[alias].delete_pattern("*")
+        except Exception:  # noqa: BLE001 - a test may have pointed the alias at a dead server
+            pass
     progress.reset_backoff()
 
 
@@ -58,3 +72,13 @@ def other_api(other_user):
     token = Token.objects.create(user=other_user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
+
+
+@pytest.fixture
+def gunicorn_server(transactional_db, media_root, tmp_path):
+    """The project under a real gunicorn (gthread, 2 workers) on a free loopback port."""
+    from .server import start_server
+
+    server = start_server(media_root, tmp_path, UPLOADS_COMMIT_BYTES=str(1024 * 1024))
+    yield server
+    server.stop()

@@ -1,0 +1,35 @@
+# `make run`: install, migrate and serve on http://127.0.0.1:8000 (DEBUG, with a local account).
+# `make test`: install and run the whole suite (DATABASE_URL picks the database; SQLite by default).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Tests flush their Redis databases, so they get their own numbers (14, and 15 for the totals).
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
+
+.PHONY: install run test test-postgres bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+run: install
+	DEBUG=1 $(PY) manage.py migrate --noinput
+	DEBUG=1 $(PY) manage.py create_dev_user
+	DEBUG=1 $(VENV)/bin/gunicorn -c project/gunicorn.py project.wsgi
+
+test: install
+	REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-postgres: install
+	DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/upload_speed.py
+
+clean:
+	rm -rf $(VENV) staticfiles

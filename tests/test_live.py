@@ -1,0 +1,121 @@
+"""End to end over real HTTP: gunicorn, the REST API, an interrupted chunk, resume by name."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from rest_framework.authtoken.models import Token
+
+from uploads.models import UploadSession
+
+pytestmark = pytest.mark.live
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def token(user):
+    return Token.objects.create(user=user).key
+
+
+def _create(server, token, name, size):
+    return requests.post(
+        f"{server.url}/api/uploads/", json={"filename": name, "size": size},
+        headers={"Authorization": f"Token {token}"}, timeout=10,
+    )
+
+
+def _put(url, token, data, start, size):
+    return requests.put(
+        url, data=data, timeout=30,
+        headers={
+            "Authorization": f"Token {token}",
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes {start}-{start + len(data) - 1}/{size}",
+        },
+    )
+
+
+def _send_and_cut(url: str, token: str, data: bytes, start: int, size: int, send: int) -> None:
+    """Declare the whole chunk, send only `send` bytes, then drop the connection (laptop lid shut)."""
+    parts = urlsplit(url)
+    head = (
+        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Range: bytes {start}-{start + len(data) - 1}/{size}\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head + data[:send])
+        time.sleep(1.5)  # let the server commit what it has (UPLOADS_COMMIT_INTERVAL is 1 s)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)  # the 400 for the short body, or nothing
+
+
+def test_upload_interrupt_and_resume_by_name(gunicorn_server, token):
+    chunk = 4 * MiB
+    source = os.urandom(18 * MiB + 12345)
+    size = len(source)
+
+    created = _create(gunicorn_server, token, "holiday.mov", size)
+    assert created.status_code == 201, created.text
+    url = created.json()["url"]
+
+    # Two whole chunks, acknowledged.
+    for start in (0, chunk):
+        response = _put(url, token, source[start : start + chunk], start, size)
+        assert response.status_code == 200, response.text
+        assert response.json()["offset"] == start + chunk
+
+    # The third chunk breaks off after 3 MiB of 4.
+    _send_and_cut(url, token, source[2 * chunk : 3 * chunk], 2 * chunk, size, send=3 * MiB)
+
+    # The client comes back knowing only the file's name and size, and learns the offset.
+    deadline = time.monotonic() + 10
+    while True:
+        resumed = _create(gunicorn_server, token, "holiday.mov", size)
+        assert resumed.status_code == 200, resumed.text
+        offset = resumed.json()["offset"]
+        if offset > 2 * chunk or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert resumed.json()["id"] == created.json()["id"]
+    # What the server durably received of the broken chunk was kept (committed as it streamed).
+    assert 2 * chunk < offset <= 2 * chunk + 3 * MiB
+
+    # Send only the rest, adopting the server's offset on a 409.
+    while offset < size:
+        response = _put(url, token, source[offset : offset + chunk], offset, size)
+        if response.status_code == 409:
+            offset = response.json()["offset"]
+            continue
+        assert response.status_code == 200, response.text
+        offset = response.json()["offset"]
+    assert response.json()["status"] == "complete"
+    assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
+
+    download = requests.get(response.json()["content_url"], headers={"Authorization": f"Token {token}"}, timeout=30)
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == hashlib.sha256(source).hexdigest()
+    upload = UploadSession.objects.get(pk=created.json()["id"])
+    assert upload.status == "complete" and upload.offset == size
+
+
+def test_chunked_body_without_length_is_refused(gunicorn_server, token):
+    """Django reads a chunked body as empty (ticket 35838): never ack it as an empty success."""
+    created = _create(gunicorn_server, token, "c.bin", 10).json()
+
+    def body():
+        yield b"0123456789"
+
+    response = requests.put(
+        created["url"], data=body(), timeout=10,
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/octet-stream",
+                 "Content-Range": "bytes 0-9/10"},
+    )
+    assert response.status_code == 411, response.text
+    assert UploadSession.objects.get(pk=created["id"]).offset == 0
