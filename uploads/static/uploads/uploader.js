@@ -268,7 +268,8 @@
   /** Retries ran out; the user may still try again with Resume. */
   class RetriesExhaustedError extends Error {
     constructor(cause) {
-      super(`${errorMessage(cause)} Gave up after ${MAX_RETRIES} retries.`);
+      const reason = errorMessage(cause);
+      super(`${reason}${/[.!?]$/.test(reason) ? "" : "."} Gave up after ${MAX_RETRIES} retries.`);
       this.name = "RetriesExhaustedError";
       this.cause = cause;
     }
@@ -293,15 +294,20 @@
       return "final";
     }
     if (error instanceof UploadError || error instanceof RetriesExhaustedError) return "final";
-    // fetch rejects with a TypeError when the request never got an answer.
-    if (error instanceof TypeError) return "network";
+    if (isNetworkError(error)) return "network";
     return "transient";
+  }
+
+  /** fetch rejects with a TypeError when the request never got an answer. */
+  function isNetworkError(error) {
+    // By name too: an error from another realm (iframe, test harness) fails instanceof.
+    return error instanceof TypeError || Boolean(error && error.name === "TypeError");
   }
 
   function errorMessage(error) {
     if (error instanceof ApiError || error instanceof UploadError) return error.message;
     if (error instanceof RetriesExhaustedError) return error.message;
-    if (error instanceof TypeError) return "Network error.";
+    if (isNetworkError(error)) return "Network error.";
     return (error && error.message) || "Unexpected error.";
   }
 
@@ -311,7 +317,7 @@
       if (error.status === 423) return "Upload busy on the server";
       return `Server error (${error.status})`;
     }
-    if (error instanceof TypeError) return "Network error";
+    if (isNetworkError(error)) return "Network error";
     return "Unexpected response";
   }
 
@@ -587,7 +593,10 @@
       this.progressEl.max = size > 0 ? size : 1;
       this.progressEl.value = size > 0 ? this.offset : this.state === "complete" ? 1 : 0;
       const pct = percent(this.offset, size);
-      this.progressEl.setAttribute("aria-valuetext", `${pct}%`);
+      // Native <progress> semantics already say "progressbar"; the explicit
+      // values give assistive tech a percentage instead of a byte count.
+      this.progressEl.setAttribute("aria-valuenow", String(pct));
+      this.progressEl.setAttribute("aria-valuetext", `${pct}% (${formatBytes(this.offset)} of ${formatBytes(size)})`);
       this.bytesEl.textContent = `${formatBytes(this.offset)} of ${formatBytes(size)} (${pct}%)`;
       this.renderSpeed();
     }
@@ -920,9 +929,11 @@
       this.updateEmpty();
       if (file.size > config.maxSize) {
         // Save the round trip; the server would answer 413 anyway.
-        uploader.fail(
-          new UploadError(`The file is too large (${formatBytes(file.size)}); the limit is ${formatBytes(config.maxSize)}.`),
-        );
+        let size = formatBytes(file.size);
+        let limit = formatBytes(config.maxSize);
+        // Just over the limit both round the same: show the exact numbers.
+        if (size === limit) [size, limit] = [`${file.size} bytes`, `${config.maxSize} bytes`];
+        uploader.fail(new UploadError(`The file is too large (${size}); the limit is ${limit}.`));
       }
     }
 
