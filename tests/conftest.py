@@ -75,10 +75,23 @@ def other_api(other_user):
 
 
 @pytest.fixture
-def gunicorn_server(transactional_db, media_root, tmp_path):
-    """The project under a real gunicorn (gthread, 2 workers) on a free loopback port."""
+def start_gunicorn(transactional_db, media_root, tmp_path):
+    """Start the project under a real gunicorn (gthread, 2 workers) on a free loopback port,
+    with extra environment variables; every server started is stopped after the test."""
     from .server import start_server
 
-    server = start_server(media_root, tmp_path, UPLOADS_COMMIT_BYTES=str(1024 * 1024))
-    yield server
-    server.stop()
+    servers = []
+
+    def start(**env: str):
+        server = start_server(media_root, tmp_path, **{"UPLOADS_COMMIT_BYTES": str(1024 * 1024), **env})
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def gunicorn_server(start_gunicorn):
+    return start_gunicorn()
