@@ -7,7 +7,9 @@ from uploads.api import UploadViewSet
 from uploads.views import UploadPageView
 
 # "/?": clients that drop the trailing slash get the same endpoint, not a redirect they won't follow.
-router = DefaultRouter(trailing_slash="/?")
+# Set after construction: DefaultRouter.__init__ turns any truthy `trailing_slash` into "/".
+router = DefaultRouter()
+router.trailing_slash = "/?"
 router.register("uploads", UploadViewSet, basename="upload")
 
 urlpatterns = [

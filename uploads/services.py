@@ -39,7 +39,7 @@ from .exceptions import (
     UploadGone,
 )
 from .models import Status, UploadSession
-from .validation import ChunkDigest, clean_filename, parse_checksum
+from .validation import BIGINT_MAX, ChunkDigest, clean_filename, parse_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ def _validate_size(size: object) -> int:
     # JSON gives ints; bool is an int subclass and must not pass as 0/1.
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidRequest("size must be a non-negative integer (bytes).")
+    if size > BIGINT_MAX:
+        # RELIABILITY F9: past the bigint column is malformed input (400), not merely too large.
+        raise InvalidRequest(f"size must be at most {BIGINT_MAX} (a signed 64-bit integer).")
     if size > conf.MAX_SIZE:
         raise TooLarge(f"size exceeds the maximum upload size of {conf.MAX_SIZE} bytes.")
     return size
@@ -169,6 +172,10 @@ def upload_append(
         upload.refresh_from_db()
         _check_writable(upload)
         if offset != upload.offset:
+            # RELIABILITY B4: the client may have taken its offset from a Redis value ahead of the
+            # database; put the committed offset (read under the lock) back so the cache trails it.
+            committed = upload.offset
+            transaction.on_commit(lambda: progress.record(upload, committed))
             raise OffsetMismatch(
                 f"The upload's offset is {upload.offset}, not {offset}; send from {upload.offset}.",
                 offset=upload.offset,

@@ -1,0 +1,417 @@
+"""The file layer: partial files, in-place writes, fault handling and publishing (RELIABILITY D, I, X6)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from uploads import storage
+from uploads.exceptions import StorageFailure, StorageFull
+
+
+@pytest.fixture
+def upload_id():
+    return uuid.uuid4()
+
+
+@pytest.fixture
+def partial(upload_id):
+    storage.create_partial(upload_id)
+    return storage.partial_path(upload_id)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+
+
+# --- Creating partial files ----------------------------------------------------------------------
+
+
+def test_create_partial_makes_an_empty_file_under_media_root(media_root, upload_id):
+    storage.create_partial(upload_id)
+    path = storage.partial_path(upload_id)
+    assert path.is_file() and path.stat().st_size == 0
+    assert path.parent == media_root.resolve() / "partial"
+    assert path.name == f"{upload_id.hex}.part"
+    assert storage.partial_size(upload_id) == 0
+
+
+def test_create_partial_is_exclusive(partial, upload_id):
+    partial.write_bytes(b"acknowledged bytes")
+    with pytest.raises(StorageFailure):
+        storage.create_partial(upload_id)
+    assert partial.read_bytes() == b"acknowledged bytes"
+
+
+def test_create_partial_refuses_a_planted_symlink(tmp_path, media_root, upload_id):
+    # RELIABILITY I7: a symlink planted at the partial path must not be followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "victim.txt"
+    target.write_bytes(b"do not touch")
+    before = target.stat()
+    storage.partial_dir().mkdir(parents=True)
+    storage.partial_path(upload_id).symlink_to(target)
+
+    with pytest.raises(StorageFailure):
+        storage.create_partial(upload_id)
+
+    assert target.read_bytes() == b"do not touch"
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_mode) == (before.st_size, before.st_mtime_ns, before.st_mode)
+
+
+def test_create_partial_refuses_a_dangling_symlink(tmp_path, upload_id):
+    # O_CREAT through a dangling link would create the target outside MEDIA_ROOT.
+    target = tmp_path / "outside-created.txt"
+    storage.partial_dir().mkdir(parents=True)
+    storage.partial_path(upload_id).symlink_to(target)
+
+    with pytest.raises(StorageFailure):
+        storage.create_partial(upload_id)
+
+    assert not target.exists()
+
+
+def test_writer_refuses_a_symlink_swapped_in_for_the_partial(tmp_path, partial, upload_id):
+    # Opening for writing truncates to the offset: following a link would cut someone else's file.
+    target = tmp_path / "victim.bin"
+    target.write_bytes(b"x" * 100)
+    partial.unlink()
+    partial.symlink_to(target)
+
+    with pytest.raises(StorageFailure):
+        storage.PartialWriter(upload_id, 10)
+
+    assert target.read_bytes() == b"x" * 100
+
+
+def test_create_partial_fsync_failure_is_a_storage_failure(monkeypatch, upload_id):
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(StorageFailure):
+        storage.create_partial(upload_id)
+
+
+def test_create_partial_out_of_space_is_storage_full(monkeypatch, upload_id):
+    real_open = os.open
+
+    def full_open(path, flags, *args, **kwargs):
+        if str(path).endswith(storage.PARTIAL_SUFFIX):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_open)
+    with pytest.raises(StorageFull):
+        storage.create_partial(upload_id)
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+
+def test_writer_appends_at_the_offset(partial, upload_id):
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(b"hello ")
+        writer.write(b"world")
+        writer.sync()
+        assert writer.position == 11
+        assert writer.size_on_disk == 11
+    with storage.PartialWriter(upload_id, 11) as writer:
+        writer.write(b"!")
+    assert partial.read_bytes() == b"hello world!"
+
+
+def test_writer_truncates_an_unacknowledged_tail(partial, upload_id):
+    # Bytes past the committed offset were never acked (a crash between write and commit).
+    partial.write_bytes(b"committedGARBAGE-TAIL")
+    with storage.PartialWriter(upload_id, 9) as writer:
+        assert writer.size_on_disk == 9
+        writer.write(b"+more")
+    assert partial.read_bytes() == b"committed+more"
+
+
+def test_writer_truncate_drops_a_rejected_tail(partial, upload_id):
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(b"keep-drop")
+        writer.truncate(4)
+        assert writer.position == 4
+        writer.write(b"!")
+    assert partial.read_bytes() == b"keep!"
+
+
+def test_writer_on_a_missing_partial_is_a_storage_failure(upload_id):
+    with pytest.raises(StorageFailure):
+        storage.PartialWriter(upload_id, 0)
+    assert storage.partial_size(upload_id) is None
+
+
+def test_writer_loops_over_short_writes(monkeypatch, partial, upload_id):
+    # os.write/pwrite may land only part of the buffer (RELIABILITY X6).
+    real_pwrite = os.pwrite
+    calls = []
+
+    def short_pwrite(fd, data, offset):
+        calls.append(len(data))
+        return real_pwrite(fd, bytes(data[:3]), offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    data = bytes(range(256)) * 4
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(data)
+        assert writer.position == len(data)
+    assert partial.read_bytes() == data
+    assert len(calls) == -(-len(data) // 3)
+
+
+def test_writer_enospc_is_storage_full(monkeypatch, partial, upload_id):
+    real_pwrite = os.pwrite
+    state = {"calls": 0}
+
+    def filling_pwrite(fd, data, offset):
+        # Like a tmpfs that fills: one short write lands, the next call fails (X6).
+        state["calls"] += 1
+        if state["calls"] == 1:
+            return real_pwrite(fd, bytes(data[:100]), offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", filling_pwrite)
+    with storage.PartialWriter(upload_id, 0) as writer:
+        with pytest.raises(StorageFull) as excinfo:
+            writer.write(b"x" * 1000)
+        assert excinfo.value.status_code == 507
+        # The writer reports where it got to; the caller truncates back to what was committed.
+        assert writer.position == 100
+        writer.truncate(0)
+    assert partial.read_bytes() == b""
+
+
+def test_writer_quota_exceeded_is_storage_full(monkeypatch, partial, upload_id):
+    def over_quota(fd, data, offset):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "pwrite", over_quota)
+    with storage.PartialWriter(upload_id, 0) as writer, pytest.raises(StorageFull):
+        writer.write(b"x")
+
+
+def test_writer_eio_is_storage_failure(monkeypatch, partial, upload_id):
+    def broken(fd, data, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", broken)
+    with storage.PartialWriter(upload_id, 0) as writer, pytest.raises(StorageFailure) as excinfo:
+        writer.write(b"x")
+    assert excinfo.value.status_code == 503
+
+
+def test_writer_fsync_eio_is_storage_failure(monkeypatch, partial, upload_id):
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(b"data")
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(StorageFailure):
+            writer.sync()
+
+
+def test_writer_skips_fsync_when_disabled(monkeypatch, settings, partial, upload_id):
+    settings.UPLOADS_FSYNC = False
+    calls = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(b"data")
+        writer.sync()
+    assert calls == []
+
+
+def test_sha256_of_partial_hashes_the_file_from_disk(partial, upload_id):
+    data = os.urandom(storage.HASH_BLOCK + 123)
+    partial.write_bytes(data)
+    assert storage.sha256_of_partial(upload_id) == hashlib.sha256(data).hexdigest()
+
+
+def test_delete_partial_removes_data_and_lock_file_and_is_idempotent(partial, upload_id):
+    os.close(storage.open_lock_file(upload_id))
+    assert storage.lock_path(upload_id).exists()
+    storage.delete_partial(upload_id)
+    assert not partial.exists()
+    assert not storage.lock_path(upload_id).exists()
+    storage.delete_partial(upload_id)  # again: nothing to do, no error
+
+
+# --- Publishing ---------------------------------------------------------------------------------
+
+
+def test_publish_moves_the_partial_to_its_final_name(media_root, partial, upload_id):
+    data = os.urandom(10_000)
+    partial.write_bytes(data)
+    inode = partial.stat().st_ino
+
+    name = storage.publish(upload_id, "Holiday Photo.JPG")
+
+    assert name == f"uploads/{upload_id.hex}/{upload_id.hex}.jpg"
+    assert not partial.exists()
+    final = media_root / name
+    assert final.read_bytes() == data
+    assert final.stat().st_ino == inode  # a rename on the same file system, not a copy
+    assert [p for p in (media_root / "uploads").rglob("*") if p.is_file()] == [final]
+    assert storage.final_size(name) == len(data)
+    with storage.open_final(name) as handle:
+        assert handle.read() == data
+
+
+def test_publish_is_idempotent_after_a_crash_after_the_rename(media_root, partial, upload_id):
+    partial.write_bytes(b"payload")
+    first = storage.publish(upload_id, "a.txt")
+    # The process died before the database recorded completion; finalize runs again.
+    second = storage.publish(upload_id, "a.txt")
+    assert first == second
+    assert [p for p in (media_root / "uploads").rglob("*") if p.is_file()] == [media_root / first]
+    assert (media_root / first).read_bytes() == b"payload"
+
+
+def test_publish_replaces_a_leftover_final_copy(media_root, partial, upload_id):
+    # A copying backend died after writing the final file but before removing the partial.
+    partial.write_bytes(b"the real data")
+    name = storage.final_name(upload_id, "a.txt")
+    (media_root / name).parent.mkdir(parents=True)
+    (media_root / name).write_bytes(b"the real d")
+    assert storage.publish(upload_id, "a.txt") == name
+    assert (media_root / name).read_bytes() == b"the real data"
+    assert not partial.exists()
+    assert len([p for p in (media_root / "uploads").rglob("*") if p.is_file()]) == 1
+
+
+def test_publish_without_any_data_is_a_storage_failure(upload_id):
+    with pytest.raises(StorageFailure):
+        storage.publish(upload_id, "a.txt")
+
+
+def test_publish_removes_the_lock_file(partial, upload_id):
+    os.close(storage.open_lock_file(upload_id))
+    storage.publish(upload_id, "a.txt")
+    assert not storage.lock_path(upload_id).exists()
+
+
+def test_create_empty_final(media_root, upload_id):
+    name = storage.create_empty_final(upload_id, "empty.txt")
+    assert (media_root / name).read_bytes() == b""
+    assert storage.partial_size(upload_id) is None
+    assert storage.final_size(name) == 0
+    assert storage.sha256_of_final(name) == hashlib.sha256(b"").hexdigest()
+
+
+def test_delete_final(media_root, partial, upload_id):
+    name = storage.publish(upload_id, "a.txt")
+    storage.delete_final(name)
+    assert not (media_root / name).exists()
+    storage.delete_final("")  # no name: nothing to delete, no error
+
+
+@pytest.mark.parametrize(
+    "filename, extension",
+    [
+        ("report.pdf", ".pdf"),
+        ("Photo.JPEG", ".jpeg"),
+        ("archive.tar.gz", ".gz"),
+        ("noext", ""),
+        (".bashrc", ""),  # a dot file has no extension
+        ("../../etc/passwd", ""),
+        ("shell.php.jpg", ".jpg"),
+        ("evil.<script>", ""),
+        ("x.ext with space", ""),
+        ("x." + "a" * 17, ""),  # longer than any real extension
+        ("x.日本", ""),
+        ("x.tx\u0000t", ""),
+        ("x.", ""),
+    ],
+)
+def test_final_name_holds_no_user_text_but_a_safe_extension(upload_id, filename, extension):
+    name = storage.final_name(upload_id, filename)
+    assert name == f"uploads/{upload_id.hex}/{upload_id.hex}{extension}"
+    assert name.isascii()
+
+
+def test_final_name_is_stable(upload_id):
+    # Finalising twice (after a crash) must target the same name.
+    assert storage.final_name(upload_id, "a.txt") == storage.final_name(str(upload_id), "a.txt")
+
+
+def test_every_path_stays_inside_media_root(media_root, upload_id):
+    storage.create_partial(upload_id)
+    os.close(storage.open_lock_file(upload_id))
+    name = storage.publish(upload_id, "../../../../tmp/evil.sh")
+    for path in (
+        storage.partial_dir(),
+        storage.partial_path(upload_id),
+        storage.lock_path(upload_id),
+        Path(storage.final_storage().path(name)),
+    ):
+        assert _inside(path, media_root), path
+    assert not (media_root.parent / "tmp").exists()
+
+
+@pytest.mark.parametrize("partial_dir", ["../escape", "/tmp", "", "."])
+def test_partial_dir_outside_media_root_is_refused(settings, partial_dir):
+    settings.UPLOADS_PARTIAL_DIR = partial_dir
+    with pytest.raises(StorageFailure):
+        storage.partial_dir()
+
+
+def test_partial_dir_symlinked_outside_media_root_is_refused(settings, tmp_path, media_root):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (media_root / "partial").symlink_to(outside)
+    with pytest.raises(StorageFailure):
+        storage.partial_dir()
+
+
+# --- Housekeeping -------------------------------------------------------------------------------
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_stale_partial_files(tmp_path, upload_id):
+    old_id, young_id, lock_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for an_id in (old_id, young_id):
+        storage.create_partial(an_id)
+    os.close(storage.open_lock_file(lock_id))
+    directory = storage.partial_dir()
+    junk = directory / "not-an-upload.tmp"
+    junk.write_bytes(b"")
+    (directory / "subdir").mkdir()
+    link = directory / f"{uuid.uuid4().hex}.part"
+    link.symlink_to(tmp_path)
+    for path in (storage.partial_path(old_id), storage.lock_path(lock_id), junk, directory / "subdir", link):
+        _age(path, 3600)
+
+    stale = dict((path.name, an_id) for an_id, path in storage.stale_partial_files(older_than_seconds=600))
+
+    assert stale == {
+        f"{old_id.hex}.part": old_id,
+        f"{lock_id.hex}.lock": lock_id,
+        "not-an-upload.tmp": None,
+    }
+
+
+def test_stale_partial_files_without_a_directory():
+    assert list(storage.stale_partial_files(older_than_seconds=0)) == []
+
+
+def test_remove_file_is_idempotent(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"x")
+    storage.remove_file(path)
+    storage.remove_file(path)
+    assert not path.exists()
