@@ -164,14 +164,19 @@ def test_create_again_resumes_the_same_upload_at_its_offset(api, django_capture_
     assert progress.read(UploadSession.objects.get(pk=first["id"])) == 4
 
 
-def test_create_with_another_checksum_or_size_starts_a_new_upload(api):
-    first = new_upload(api, "a.bin", 10, checksum="sha256:" + "a" * 64)
-
-    other_checksum = create(api, "a.bin", 10, checksum="sha256:" + "b" * 64)
+def test_create_with_another_size_starts_a_new_upload(api):
+    first = new_upload(api, "a.bin", 10)
     other_size = create(api, "a.bin", 11)
+    assert other_size.status_code == 201 and other_size.json()["id"] != first["id"]
 
-    assert other_checksum.status_code == 201 and other_size.status_code == 201
-    assert len({first["id"], other_checksum.json()["id"], other_size.json()["id"]}) == 3
+
+def test_create_with_another_checksum_conflicts_with_the_unfinished_upload(api):
+    # Same name and size but another declared digest: another file. Refuse rather than mix bytes.
+    first = new_upload(api, "a.bin", 10, checksum="sha256:" + "a" * 64)
+    other = create(api, "a.bin", 10, checksum="sha256:" + "b" * 64)
+    body = assert_error(other, 409, "conflict")
+    assert body["id"] == first["id"] and body["offset"] == 0
+    assert UploadSession.objects.count() == 1
 
 
 def test_create_does_not_resume_a_completed_upload(api):

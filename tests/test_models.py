@@ -77,7 +77,8 @@ def test_full_clean_reports_the_constraint(user):
 
 def test_ids_are_random_uuids(user):
     # RELIABILITY K2: ids are not guessable or derived from the name.
-    first, second = _row(user), _row(user)
+    # Two rows with the same name (one complete, so both may exist at once).
+    first, second = _row(user, status=Status.COMPLETE, offset=10), _row(user)
     first.save()
     second.save()
     assert isinstance(first.pk, uuid.UUID) and first.pk.version == 4

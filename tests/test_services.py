@@ -18,12 +18,13 @@ from datetime import timedelta
 
 import pytest
 from django.core.cache import caches
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django_redis import get_redis_connection
 
 from uploads import locks, progress, services, storage
 from uploads.exceptions import (
+    UploadConflict,
     ChecksumMismatch,
     IncompleteBody,
     InvalidRequest,
@@ -207,21 +208,46 @@ def test_create_does_not_resume_an_expired_upload(user):
     UploadSession.objects.filter(pk=upload.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     again, created = services.upload_create(owner=user, filename="data.bin", size=1000)
     assert created and again.pk != upload.pk
+    # The stale one was expired on the way, so the name is free and its data gone.
+    upload.refresh_from_db()
+    assert upload.status == Status.EXPIRED and storage.partial_size(upload.pk) is None
 
 
 @pytest.mark.django_db
-def test_create_with_a_different_checksum_is_a_new_upload(user):
+def test_create_with_a_different_checksum_conflicts_and_changes_nothing(user):
     data = source(1000)
     first = create(user, data, checksum=f"sha256:{hashlib.sha256(data).hexdigest()}")
+    append(first, data[:100], 0)
     other_sha = f"sha256:{hashlib.sha256(b'other').hexdigest()}"
-    second, created = services.upload_create(owner=user, filename="data.bin", size=1000, checksum=other_sha)
-    assert created and second.pk != first.pk
-    # Same checksum (in any case) resumes; no checksum resumes the most recent one.
+    with pytest.raises(UploadConflict) as caught:
+        services.upload_create(owner=user, filename="data.bin", size=1000, checksum=other_sha)
+    assert caught.value.status_code == 409
+    assert caught.value.extra() == {"id": str(first.pk), "offset": 100}
+    assert UploadSession.objects.count() == 1
+    # Same checksum (in any case) resumes; no checksum resumes too.
     same, created = services.upload_create(
         owner=user, filename="data.bin", size=1000, checksum=f"sha256:{hashlib.sha256(data).hexdigest().upper()}"
     )
-    assert not created and same.pk == first.pk
+    assert not created and same.pk == first.pk and same.offset == 100
     assert not services.upload_create(owner=user, filename="data.bin", size=1000)[1]
+
+
+@pytest.mark.django_db
+def test_resume_adopts_a_checksum_declared_later(user):
+    data = source(1000)
+    first = create(user, data)
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    again, created = services.upload_create(owner=user, filename="data.bin", size=1000, checksum=digest)
+    assert not created and again.pk == first.pk
+    first.refresh_from_db()
+    assert first.checksum == digest
+
+
+@pytest.mark.django_db
+def test_one_unfinished_upload_per_owner_name_and_size_in_the_database(user):
+    create(user, source(1000))
+    with pytest.raises(IntegrityError), transaction.atomic():
+        UploadSession.objects.create(owner=user, filename="data.bin", size=1000)
 
 
 @pytest.mark.django_db

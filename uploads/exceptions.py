@@ -34,6 +34,12 @@ class OffsetMismatch(UploadError):
     default_code = "offset_mismatch"
 
 
+class UploadConflict(UploadError):
+    status_code = 409
+    default_detail = "An unfinished upload of this file conflicts with the request."
+    default_code = "conflict"
+
+
 class UploadNotFound(UploadError):
     status_code = 404
     default_detail = "No such upload."

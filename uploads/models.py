@@ -58,6 +58,13 @@ class UploadSession(models.Model):
                 condition=~Q(status=Status.COMPLETE) | Q(offset=F("size")),
                 name="upload_complete_has_all_bytes",
             ),
+            # Resume by name must find exactly one upload, and the Redis running total is keyed
+            # by owner, size and name: one unfinished upload per key keeps both unambiguous.
+            models.UniqueConstraint(
+                fields=["owner", "filename", "size"],
+                condition=Q(status=Status.PARTIAL),
+                name="upload_one_partial_per_file",
+            ),
         ]
 
     def __str__(self) -> str:

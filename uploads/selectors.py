@@ -24,20 +24,13 @@ def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -
         raise UploadNotFound() from exc
 
 
-def upload_resumable_by_name(
-    *, user: AbstractBaseUser, filename: str, size: int, checksum: str = ""
-) -> UploadSession | None:
-    """The caller's unfinished, unexpired upload of this file name and size (the seed's resume by name).
+def upload_partial_by_name(*, user: AbstractBaseUser, filename: str, size: int) -> UploadSession | None:
+    """The caller's unfinished upload of this file name and size (the seed's resume by name).
 
-    A request without a checksum matches any; one with a checksum matches only the same checksum,
-    so declaring a different digest starts a new upload instead of appending to another file.
+    There is at most one (a partial unique constraint); it may be past its expiry time if the
+    cleanup command has not run yet.
     """
-    candidates = uploads_for_user(user=user).filter(
-        filename=filename, size=size, status=Status.PARTIAL, expires_at__gt=timezone.now()
-    )
-    if checksum:
-        candidates = candidates.filter(checksum=checksum)
-    return candidates.order_by("-updated_at").first()
+    return uploads_for_user(user=user).filter(filename=filename, size=size, status=Status.PARTIAL).first()
 
 
 def uploads_expired(*, now: datetime | None = None) -> QuerySet[UploadSession]:

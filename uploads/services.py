@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import locks, progress, selectors, storage
@@ -35,6 +35,7 @@ from .exceptions import (
     TooLarge,
     TooManyUploads,
     UploadComplete,
+    UploadConflict,
     UploadError,
     UploadGone,
 )
@@ -55,6 +56,8 @@ def upload_create(
     """Start an upload, or return the owner's unfinished one of the same name and size.
 
     Returns `(upload, created)`. A zero-byte upload is complete at once.
+    Raises UploadConflict when an unfinished upload of the same name and size declares another
+    checksum.
     """
     filename = clean_filename(filename)
     size = _validate_size(size)
@@ -64,9 +67,7 @@ def upload_create(
         # Serialise creates per user so resume-by-name and the active-upload cap hold under a burst
         # of parallel requests (RELIABILITY.md H9); a cache-based throttle would not.
         get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
-        existing = selectors.upload_resumable_by_name(
-            user=owner, filename=filename, size=size, checksum=checksum
-        )
+        existing = _resumable(owner=owner, filename=filename, size=size, checksum=checksum)
         if existing is not None:
             transaction.on_commit(lambda: progress.record(existing, existing.offset))
             return existing, False
@@ -93,9 +94,43 @@ def upload_create(
         else:
             # The file exists durably before the row that points to it (RELIABILITY.md §3).
             storage.create_partial(upload.id)
-            upload.save(force_insert=True)
+            try:
+                with transaction.atomic():
+                    upload.save(force_insert=True)
+            except IntegrityError as exc:
+                # Only reachable by a racing create that bypassed the per-user lock.
+                storage.delete_partial(upload.id)
+                raise UploadConflict("Another request is creating this upload; retry.") from exc
             transaction.on_commit(lambda: progress.record(upload, 0))
     return upload, True
+
+
+def _resumable(*, owner: AbstractBaseUser, filename: str, size: int, checksum: str) -> UploadSession | None:
+    """The owner's unfinished upload to resume for this name and size, if there is one.
+
+    One past its expiry is expired now, freeing the name for a new upload. A declared checksum
+    that differs from the unfinished upload's means another file: refuse rather than mix them.
+    """
+    existing = selectors.upload_partial_by_name(user=owner, filename=filename, size=size)
+    if existing is None:
+        return None
+    if existing.expires_at is not None and existing.expires_at <= timezone.now():
+        upload_expire(upload=existing)  # skipped if a request is writing to it right now
+        existing.refresh_from_db()
+        if existing.status != Status.PARTIAL:
+            return None
+    if checksum and existing.checksum and existing.checksum != checksum:
+        raise UploadConflict(
+            f"You have an unfinished upload of {filename!r} ({size} bytes) declared with another "
+            "checksum; resume it without a checksum, or delete it first.",
+            id=str(existing.pk),
+            offset=existing.offset,
+        )
+    if checksum and not existing.checksum:
+        # The client now knows the digest it did not declare before: verify against it at the end.
+        UploadSession.objects.filter(pk=existing.pk, checksum="").update(checksum=checksum)
+        existing.checksum = checksum
+    return existing
 
 
 def _validate_size(size: object) -> int:
