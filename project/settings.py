@@ -209,7 +209,7 @@ SPECTACULAR_SETTINGS = {
 
 # --- Upload engine (defaults in uploads/conf.py; README lists them) -------------------------------
 _UPLOADS_INT = ["MAX_SIZE", "CHUNK_SIZE", "EXPIRY", "BLOCK_SIZE", "COMMIT_BYTES", "MAX_ACTIVE_PER_USER"]
-_UPLOADS_FLOAT = ["COMMIT_INTERVAL", "LOCK_TIMEOUT"]
+_UPLOADS_FLOAT = ["COMMIT_INTERVAL", "LOCK_TIMEOUT", "BODY_TIMEOUT"]
 _UPLOADS_BOOL = ["FSYNC"]
 for _name in _UPLOADS_INT + _UPLOADS_FLOAT + _UPLOADS_BOOL:
     _raw = os.environ.get(f"UPLOADS_{_name}")

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 
 import pytest
 
-from uploads import storage
 from uploads.models import UploadSession
 
 CHROMIUM = "/usr/bin/chromium"

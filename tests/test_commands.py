@@ -55,7 +55,8 @@ def test_cleanup_expires_idle_partials_and_keeps_the_rest(user):
     output = _run("cleanup_uploads")
 
     assert "Expired 1 upload(s)" in output
-    old.refresh_from_db(); fresh.refresh_from_db(); done.refresh_from_db()
+    for upload in (old, fresh, done):
+        upload.refresh_from_db()
     assert old.status == Status.EXPIRED and storage.partial_size(old.pk) is None
     assert fresh.status == Status.PARTIAL and storage.partial_size(fresh.pk) == 10
     assert done.status == Status.COMPLETE and storage.final_storage().exists(done.file)

@@ -119,3 +119,54 @@ def test_chunked_body_without_length_is_refused(gunicorn_server, token):
     )
     assert response.status_code == 411, response.text
     assert UploadSession.objects.get(pk=created["id"]).offset == 0
+
+
+def test_a_stalled_connection_does_not_hold_the_upload(start_gunicorn, token):
+    """The laptop lid closes mid-chunk: the connection stays half-open and sends nothing more.
+    After UPLOADS_BODY_TIMEOUT the server keeps what arrived and frees the upload for the resume."""
+    server = start_gunicorn(UPLOADS_BODY_TIMEOUT="2", UPLOADS_LOCK_TIMEOUT="1")
+    source = os.urandom(6 * MiB)
+    created = _create(server, token, "lid.bin", len(source)).json()
+    parts = urlsplit(created["url"])
+    head = (
+        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Range: bytes 0-{len(source) - 1}/{len(source)}\r\n"
+        f"Content-Length: {len(source)}\r\n\r\n"
+    ).encode()
+    stalled = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    try:
+        stalled.sendall(head + source[: 2 * MiB])  # then silence, connection left open
+        # Wait until the stalled request is the writer: it commits as it streams.
+        deadline = time.monotonic() + 10
+        while UploadSession.objects.get(pk=created["id"]).offset == 0:
+            assert time.monotonic() < deadline, "the stalled request never started writing"
+            time.sleep(0.05)
+        statuses, offset = [], 0
+        while time.monotonic() < deadline + 10:
+            response = _put(created["url"], token, source[offset:], offset, len(source))
+            statuses.append(response.status_code)
+            if response.status_code == 409:  # adopt the offset the stalled request left
+                offset = response.json()["offset"]
+            elif response.status_code != 423:  # 423: still held; retry, as clients do
+                break
+            time.sleep(0.2)
+        assert response.status_code == 200, (statuses, response.text)
+        assert statuses[0] == 423, statuses  # the stalled request held it at first...
+        assert 0 < offset <= 2 * MiB  # ...then let go, keeping what had arrived
+        assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
+    finally:
+        stalled.close()
+
+
+def test_uploads_go_on_when_redis_is_down(start_gunicorn, token):
+    """Redis is only the running-total cache: with it unreachable, uploads still complete."""
+    server = start_gunicorn(UPLOADS_REDIS_URL="redis://127.0.0.1:1/0")
+    source = os.urandom(3 * MiB)
+    created = _create(server, token, "no-redis.bin", len(source))
+    assert created.status_code == 201, created.text
+    offset = 0
+    while offset < len(source):
+        response = _put(created.json()["url"], token, source[offset : offset + MiB], offset, len(source))
+        assert response.status_code == 200, response.text
+        offset = response.json()["offset"]
+    assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()

@@ -14,11 +14,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from . import http as http_body
 from . import selectors, services, storage
-from .exceptions import LengthRequired, NotComplete, UnsupportedMediaType, UploadError
+from .exceptions import NotComplete, UnsupportedMediaType, UploadError
 from .models import Status, UploadSession
 from .serializers import ErrorSerializer, UploadCreateSerializer, UploadSerializer
-from .validation import InvalidRequest, parse_content_digest, parse_content_range, parse_non_negative_int
+from .validation import InvalidRequest, parse_content_digest, parse_content_range
 
 CHUNK_CONTENT_TYPE = "application/octet-stream"
 # A creation request is a few hundred bytes of JSON; refuse to parse megabytes of it.
@@ -141,10 +142,7 @@ class UploadViewSet(viewsets.GenericViewSet):
         content_type = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != CHUNK_CONTENT_TYPE:
             raise UnsupportedMediaType()
-        raw_length = request.META.get("CONTENT_LENGTH")
-        if not raw_length:
-            raise LengthRequired("Content-Length is required; chunked request bodies are not accepted.")
-        length = parse_non_negative_int(raw_length, "Content-Length")
+        length = http_body.content_length(request)
         content_range = parse_content_range(request.headers.get("Content-Range"))
         if content_range.total != upload.size:
             raise InvalidRequest(
@@ -156,7 +154,8 @@ class UploadViewSet(viewsets.GenericViewSet):
             )
         digest = parse_content_digest(request.headers.get("Content-Digest"))
         upload = services.upload_append(
-            upload=upload, offset=content_range.start, stream=request.stream, length=length, digest=digest
+            upload=upload, offset=content_range.start, stream=http_body.body_stream(request),
+            length=length, digest=digest,
         )
         return self._render(upload)
 

@@ -26,7 +26,11 @@ def check_settings(app_configs=None, **kwargs) -> list:
     expiry = getattr(settings, "UPLOADS_EXPIRY", 1)
     if not isinstance(expiry, (int, float, timedelta)) or isinstance(expiry, bool) or conf.EXPIRY <= timedelta(0):
         errors.append(Error("UPLOADS_EXPIRY must be a positive number of seconds or a timedelta.", id="uploads.E005"))
-    for name, value in (("UPLOADS_COMMIT_INTERVAL", conf.COMMIT_INTERVAL), ("UPLOADS_LOCK_TIMEOUT", conf.LOCK_TIMEOUT)):
+    for name, value in (
+        ("UPLOADS_COMMIT_INTERVAL", conf.COMMIT_INTERVAL),
+        ("UPLOADS_LOCK_TIMEOUT", conf.LOCK_TIMEOUT),
+        ("UPLOADS_BODY_TIMEOUT", conf.BODY_TIMEOUT),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             errors.append(Error(f"{name} must be a non-negative number of seconds.", id="uploads.E006"))
     if not isinstance(conf.MAX_ACTIVE_PER_USER, int) or conf.MAX_ACTIVE_PER_USER < 0:

@@ -56,6 +56,11 @@ class Settings:
         return getattr(settings, "UPLOADS_LOCK_TIMEOUT", 5.0)
 
     @property
+    def BODY_TIMEOUT(self) -> float:
+        """Seconds a request body may stall before the request ends, keeping what arrived (0: never)."""
+        return getattr(settings, "UPLOADS_BODY_TIMEOUT", 30.0)
+
+    @property
     def MAX_ACTIVE_PER_USER(self) -> int:
         """Partial uploads one user may have at once (0: no limit); the next create gets 429."""
         return getattr(settings, "UPLOADS_MAX_ACTIVE_PER_USER", 100)
