@@ -24,6 +24,7 @@ from django_redis import get_redis_connection
 
 from uploads import locks, progress, services, storage
 from uploads.exceptions import (
+    DataLost,
     UploadConflict,
     ChecksumMismatch,
     IncompleteBody,
@@ -707,14 +708,17 @@ def test_crash_after_the_rename_with_a_wrong_checksum_unpublishes(media_root, us
 
 
 @pytest.mark.django_db
-def test_partial_file_lost_is_a_storage_failure_not_a_silent_rewind(user):
+def test_partial_file_lost_fails_the_upload_never_a_silent_rewind(user):
     data = source(5000)
     upload = create(user, data)
     append(upload, data, 0, 1000)
     storage.partial_path(upload.pk).unlink()
-    with pytest.raises(StorageFailure):
+    with pytest.raises(DataLost) as caught:
         append(upload, data, 1000)
-    assert UploadSession.objects.get(pk=upload.pk).offset == 1000  # never rewound (INV4)
+    assert caught.value.status_code == 410
+    upload.refresh_from_db()
+    assert upload.offset == 1000  # never rewound (INV4)
+    assert upload.status == Status.FAILED
 
 
 # --- Ending uploads -------------------------------------------------------------------------------
@@ -1013,3 +1017,37 @@ def test_upload_completes_with_redis_down(settings, user):
     assert time.monotonic() - started < 5  # no per-chunk Redis timeout (0.2 s each would show)
     assert progress.read(upload) is None
     assert_invariants(upload, data, acked=len(data))
+
+
+# --- Acknowledged bytes that vanished from disk ------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_lost_tail_fails_the_upload_instead_of_rewinding_or_zero_filling(user):
+    # RELIABILITY A7/INV4: fewer bytes on disk than acknowledged (power loss without fsync, a
+    # restored backup): never zero-fill, never silently rewind; deactivate the upload (410).
+    data = source(1000)
+    upload = create(user, data)
+    append(upload, data, 0, 600)
+    os.truncate(storage.partial_path(upload.pk), 300)
+    with pytest.raises(DataLost) as caught:
+        append(upload, data, 600)
+    assert caught.value.status_code == 410
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and "300 of 600" in upload.error
+    assert upload.offset == 600  # the acknowledged offset is never shown decreasing
+    assert storage.partial_size(upload.pk) is None and final_files(upload) == []
+
+
+@pytest.mark.django_db
+def test_finalize_refuses_a_file_of_the_wrong_length(user):
+    data = source(1000)
+    upload = create(user, data)
+    append(upload, data, 0, 999)
+    # Something cut the file after the last acknowledgement but before the last byte's request.
+    os.truncate(storage.partial_path(upload.pk), 999)
+    UploadSession.objects.filter(pk=upload.pk).update(offset=1000)  # as if acked, then lost
+    with pytest.raises(DataLost):
+        append(upload, data, 1000)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and final_files(upload) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from uploads import storage
-from uploads.exceptions import StorageFailure, StorageFull
+from uploads.exceptions import DataLost, StorageFailure, StorageFull
 
 
 @pytest.fixture
@@ -146,10 +146,19 @@ def test_writer_truncate_drops_a_rejected_tail(partial, upload_id):
     assert partial.read_bytes() == b"keep!"
 
 
-def test_writer_on_a_missing_partial_is_a_storage_failure(upload_id):
-    with pytest.raises(StorageFailure):
+def test_writer_on_a_missing_partial_is_data_lost(upload_id):
+    with pytest.raises(DataLost) as caught:
         storage.PartialWriter(upload_id, 0)
+    assert caught.value.status_code == 410
     assert storage.partial_size(upload_id) is None
+
+
+def test_writer_never_extends_a_file_shorter_than_the_offset(partial, upload_id):
+    # Zero-filling up to the offset would turn lost bytes into wrong bytes (INV2).
+    partial.write_bytes(b"abc")
+    with pytest.raises(DataLost):
+        storage.PartialWriter(upload_id, 10)
+    assert partial.read_bytes() == b"abc"
 
 
 def test_writer_loops_over_short_writes(monkeypatch, partial, upload_id):
@@ -290,8 +299,8 @@ def test_publish_replaces_a_leftover_final_copy(media_root, partial, upload_id):
     assert len([p for p in (media_root / "uploads").rglob("*") if p.is_file()]) == 1
 
 
-def test_publish_without_any_data_is_a_storage_failure(upload_id):
-    with pytest.raises(StorageFailure):
+def test_publish_without_any_data_is_data_lost(upload_id):
+    with pytest.raises(DataLost):
         storage.publish(upload_id, "a.txt")
 
 

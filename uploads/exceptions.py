@@ -52,6 +52,15 @@ class UploadGone(UploadError):
     default_code = "gone"
 
 
+class DataLost(UploadError):
+    # The disk holds fewer bytes than were acknowledged (lost without fsync, or deleted by hand).
+    # Rewinding the offset would contradict an earlier ack (IETF: offsets never decrease), and
+    # zero-filling would publish wrong bytes: the upload is failed and must start again.
+    status_code = 410
+    default_detail = "Part of this upload's stored data was lost; start a new upload."
+    default_code = "data_lost"
+
+
 class UploadComplete(UploadError):
     status_code = 409
     default_detail = "The upload is already complete."

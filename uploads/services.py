@@ -27,6 +27,7 @@ from . import locks, progress, selectors, storage
 from .conf import conf
 from .exceptions import (
     ChecksumMismatch,
+    DataLost,
     IncompleteBody,
     InvalidRequest,
     OffsetMismatch,
@@ -220,10 +221,14 @@ def upload_append(
                 f"The chunk ends at byte {offset + length}, beyond the declared size {upload.size}.",
                 offset=upload.offset,
             )
-        if length:
-            _write(upload, stream=stream, length=length, digest=digest)
-        if upload.offset == upload.size:
-            _finalize(upload)
+        try:
+            if length:
+                _write(upload, stream=stream, length=length, digest=digest)
+            if upload.offset == upload.size:
+                _finalize(upload)
+        except DataLost as exc:
+            _fail(upload, exc.detail)
+            raise
     return upload
 
 
@@ -328,14 +333,18 @@ def _finalize(upload: UploadSession) -> None:
     Idempotent: after a crash at any step, calling it again finishes the job exactly once.
     """
     name = storage.final_name(upload.pk, upload.filename)
-    if storage.partial_size(upload.pk) is not None:
+    on_disk = storage.partial_size(upload.pk)
+    if on_disk is not None:
+        if on_disk != upload.size:
+            # Fewer bytes than acknowledged (or a stray tail): never publish a wrong-length file.
+            raise DataLost(f"{on_disk} bytes are on disk for an upload of {upload.size}; start a new upload.")
         sha256 = storage.sha256_of_partial(upload.pk)
     else:
         # An earlier attempt moved the file but died before recording it (RELIABILITY A3).
         try:
             sha256 = storage.sha256_of_final(name)
         except FileNotFoundError as exc:
-            raise StorageFailure("The data of this upload is missing.") from exc
+            raise DataLost("The data of this upload is missing; start a new upload.") from exc
     if upload.checksum and upload.checksum != f"sha256:{sha256}":
         _fail(upload, f"SHA-256 {sha256} does not match the declared checksum.", final_name=name)
         raise ChecksumMismatch(

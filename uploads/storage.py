@@ -22,7 +22,7 @@ from django.core.files import File
 from django.core.files.storage import Storage, storages
 
 from .conf import conf
-from .exceptions import StorageFailure, StorageFull
+from .exceptions import DataLost, StorageFailure, StorageFull
 
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
@@ -109,15 +109,20 @@ class PartialWriter:
         except FileNotFoundError as exc:
             # The row says partial but its file is gone (deleted by hand, lost disk): the bytes
             # the client was told are stored no longer are, so the upload cannot go on.
-            raise StorageFailure("The partial data of this upload is missing.") from exc
+            raise DataLost("The partial data of this upload is missing; start a new upload.") from exc
         except OSError as exc:
             _raise_storage_error(exc)
         try:
-            if os.fstat(self._fd).st_size != offset:
+            size = os.fstat(self._fd).st_size
+            if size > offset:
                 os.ftruncate(self._fd, offset)
         except OSError as exc:
             self.close()
             _raise_storage_error(exc)
+        if size < offset:
+            # Never ftruncate upwards: that would zero-fill acknowledged bytes (RELIABILITY INV2).
+            self.close()
+            raise DataLost(f"Only {size} of {offset} acknowledged bytes are on disk; start a new upload.")
 
     @property
     def size_on_disk(self) -> int:
@@ -212,7 +217,7 @@ def publish(upload_id: uuid.UUID, filename: str) -> str:
     if not source.exists():
         if storage.exists(name):
             return name
-        raise StorageFailure("The data of this upload is missing.")
+        raise DataLost("The data of this upload is missing; start a new upload.")
     if storage.exists(name):
         # A copy to a non-local backend was interrupted before the partial was removed.
         storage.delete(name)
