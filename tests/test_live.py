@@ -170,3 +170,54 @@ def test_uploads_go_on_when_redis_is_down(start_gunicorn, token):
         assert response.status_code == 200, response.text
         offset = response.json()["offset"]
     assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
+
+
+def _workers(server) -> list[int]:
+    pid = server.process.pid
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def test_worker_killed_mid_chunk_then_resume(start_gunicorn, token, media_root):
+    """kill -9 of the worker while a chunk streams: no ack was sent, what was committed is on
+    disk, the lock died with the process, and the client finishes from the server's offset."""
+    from uploads import storage
+
+    server = start_gunicorn(WEB_CONCURRENCY="1")
+    source = os.urandom(8 * MiB)
+    created = _create(server, token, "crash.bin", len(source)).json()
+    parts = urlsplit(created["url"])
+    head = (
+        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Range: bytes 0-{len(source) - 1}/{len(source)}\r\n"
+        f"Content-Length: {len(source)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head + source[: 5 * MiB])
+        deadline = time.monotonic() + 10
+        while UploadSession.objects.get(pk=created["id"]).offset < 2 * MiB:  # it commits as it streams
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for pid in _workers(server):
+            os.kill(pid, 9)
+        sock.settimeout(5)
+        assert sock.recv(65536) == b"", "no response (so no acknowledgement) after the kill"
+
+    upload = UploadSession.objects.get(pk=created["id"])
+    on_disk = storage.partial_size(upload.pk)
+    assert 2 * MiB <= upload.offset <= on_disk <= 5 * MiB  # INV1 right after the crash
+    assert storage.partial_path(upload.pk).read_bytes()[: upload.offset] == source[: upload.offset]
+
+    # The master starts a new worker; the client resumes by name and sends the rest.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            resumed = _create(server, token, "crash.bin", len(source))
+            break
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    offset = resumed.json()["offset"]
+    assert offset == upload.offset
+    response = _put(created["url"], token, source[offset:], offset, len(source))
+    assert response.status_code == 200, response.text
+    assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()

@@ -47,3 +47,13 @@ def test_logout_is_a_post(client, user):
     response = client.post("/accounts/logout/")
     assert response.status_code == 302
     assert client.get("/").status_code == 302
+
+
+def test_no_view_is_csrf_exempt():
+    # RELIABILITY K5: cookie-authenticated upload views must keep CSRF protection.
+    from pathlib import Path
+
+    import uploads
+
+    for path in Path(uploads.__file__).parent.rglob("*.py"):
+        assert "csrf_exempt" not in path.read_text(), path
