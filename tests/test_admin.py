@@ -552,3 +552,9 @@ def test_staff_download_a_completed_file_with_safe_headers(admin_client, user):
     assert response["Content-Security-Policy"] == "sandbox; default-src 'none'"
     assert download_url(partial) not in admin_client.get(change_url(partial)).content.decode()
     assert admin_client.get(download_url(partial)).status_code == 404
+
+
+def test_staff_download_of_a_missing_file_is_404_not_500(admin_client, user, media_root):
+    complete = make_upload(user, "gone.bin", b"data")
+    (media_root / complete.file).unlink()
+    assert admin_client.get(download_url(complete)).status_code == 404

@@ -1119,3 +1119,11 @@ def test_hostile_requests_never_get_a_500_and_change_nothing(api, index):
             assert response.status_code == 404 and "/api/uploads/" + body["id"] not in url
     assert state(body["id"]) == before
     assert UploadSession.objects.filter(status=Status.PARTIAL).count() <= 2
+
+
+def test_download_of_a_file_deleted_behind_the_apps_back_is_410_not_500(api, media_root):
+    body = new_upload(api, "a.bin", 10)
+    upload_all(api, body["id"], TEN, 10)
+    upload = UploadSession.objects.get(pk=body["id"])
+    (media_root / upload.file).unlink()
+    assert_error(api.get(content_url(body["id"])), 410, "data_lost")

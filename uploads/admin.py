@@ -30,7 +30,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import ngettext
 
 from . import progress, services, storage
-from .exceptions import UploadBusy, UploadError
+from .exceptions import DataLost, UploadBusy, UploadError
 from .models import Status, UploadSession
 
 NO_VALUE = "—"
@@ -197,8 +197,8 @@ class UploadSessionAdmin(admin.ModelAdmin):
             raise PermissionDenied
         try:
             handle = storage.open_final(upload.file)
-        except FileNotFoundError as exc:
-            raise Http404("The file of this upload is missing.") from exc
+        except DataLost as exc:
+            raise Http404(exc.detail) from exc
         response = FileResponse(
             handle, as_attachment=True, filename=upload.filename, content_type="application/octet-stream"
         )

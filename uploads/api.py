@@ -103,7 +103,10 @@ class UploadViewSet(viewsets.GenericViewSet):
     @extend_schema(
         summary="Start an upload, or resume yours of the same file name and size",
         request=UploadCreateSerializer,
-        responses={201: UploadSerializer, 200: UploadSerializer, 413: ErrorSerializer, 429: ErrorSerializer, **ERRORS},
+        responses={
+            201: UploadSerializer, 200: UploadSerializer,
+            **{code: OpenApiResponse(ErrorSerializer) for code in (409, 413, 429)}, **ERRORS,
+        },
     )
     def create(self, request: Request) -> Response:
         # DRF reads `request.body` before a JSON parser runs, and Django answers a body over
@@ -165,7 +168,10 @@ class UploadViewSet(viewsets.GenericViewSet):
 
     @extend_schema(
         summary="Download a completed upload",
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 409: ErrorSerializer, **ERRORS},
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            409: ErrorSerializer, 410: ErrorSerializer, **ERRORS,
+        },
     )
     @action(detail=True, methods=["get"], url_path="content")
     def content(self, request: Request, pk: str) -> FileResponse:

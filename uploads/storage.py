@@ -246,7 +246,11 @@ def create_empty_final(upload_id: uuid.UUID, filename: str) -> str:
 
 
 def open_final(name: str) -> File:
-    return final_storage().open(name, "rb")
+    try:
+        return final_storage().open(name, "rb")
+    except FileNotFoundError as exc:
+        # Deleted behind the app's back (by hand, a storage lifecycle rule): say so, not a 500.
+        raise DataLost("The stored file of this upload is missing.") from exc
 
 
 def final_size(name: str) -> int:
