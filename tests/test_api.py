@@ -1127,3 +1127,29 @@ def test_download_of_a_file_deleted_behind_the_apps_back_is_410_not_500(api, med
     upload = UploadSession.objects.get(pk=body["id"])
     (media_root / upload.file).unlink()
     assert_error(api.get(content_url(body["id"])), 410, "data_lost")
+
+
+def test_database_outage_mid_chunk_is_a_retryable_503_and_acknowledges_nothing(api, monkeypatch):
+    # RELIABILITY C1: the commit after the write fails (PostgreSQL restarting); fault injected
+    # at the commit, everything else real.
+    from django.db import OperationalError
+
+    from uploads import services
+
+    body = new_upload(api, "a.bin", 10)
+    real_commit = services._commit_offset
+
+    def database_gone(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(services, "_commit_offset", database_gone)
+    response = put_chunk(api, body["id"], TEN[:5], 0, 10)
+    assert assert_error(response, 503, "database_unavailable")
+    assert response["Retry-After"] == "1"
+    assert UploadSession.objects.get(pk=body["id"]).offset == 0
+
+    monkeypatch.setattr(services, "_commit_offset", real_commit)
+    assert put_chunk(api, body["id"], TEN[:5], 0, 10).json()["offset"] == 5  # the stray tail is cut
+    assert put_chunk(api, body["id"], TEN[5:], 5, 10).json()["status"] == "complete"
+    assert partial_bytes(body["id"]) is None
+    assert UploadSession.objects.get(pk=body["id"]).sha256 == hashlib.sha256(TEN).hexdigest()

@@ -1,6 +1,9 @@
 """The REST API: parse the request, call one service, render the result."""
 from __future__ import annotations
 
+import logging
+
+from django.db import InterfaceError, OperationalError
 from django.http import FileResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -20,6 +23,8 @@ from .exceptions import NotComplete, UnsupportedMediaType, UploadError
 from .models import Status, UploadSession
 from .serializers import ErrorSerializer, UploadCreateSerializer, UploadSerializer
 from .validation import InvalidRequest, parse_content_digest, parse_content_range
+
+logger = logging.getLogger(__name__)
 
 CHUNK_CONTENT_TYPE = "application/octet-stream"
 # A creation request is a few hundred bytes of JSON; refuse to parse megabytes of it.
@@ -196,6 +201,16 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         if exc.status_code in (423, 503, 507):
             response["Retry-After"] = "1"
         return response
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # The database went away (restart, failover, network): transient, so a retryable 503
+        # that clients back off from, not a 500. Nothing was acknowledged; the next writer
+        # truncates whatever this request wrote past the committed offset.
+        logger.warning("database unavailable: %s", exc)
+        return Response(
+            {"detail": "The database is unavailable; retry shortly.", "code": "database_unavailable"},
+            status=http.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
+        )
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, drf_exceptions.ValidationError):
         response.data = {"detail": _flatten(exc.detail), "code": "invalid", "errors": exc.detail}
