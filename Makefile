@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Tests flush their Redis databases, so they get their own numbers (14, and 15 for the totals).
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
 
-.PHONY: install run test test-postgres bench clean
+.PHONY: install run test test-postgres lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: install
 
 test-postgres: install
 	DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) bench/upload_speed.py

@@ -24,9 +24,8 @@ from django_redis import get_redis_connection
 
 from uploads import locks, progress, services, storage
 from uploads.exceptions import (
-    DataLost,
-    UploadConflict,
     ChecksumMismatch,
+    DataLost,
     IncompleteBody,
     InvalidRequest,
     OffsetMismatch,
@@ -35,6 +34,7 @@ from uploads.exceptions import (
     TooLarge,
     TooManyUploads,
     UploadComplete,
+    UploadConflict,
     UploadGone,
 )
 from uploads.models import Status, UploadSession

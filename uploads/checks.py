@@ -33,8 +33,11 @@ def check_settings(app_configs=None, **kwargs) -> list:
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             errors.append(Error(f"{name} must be a non-negative number of seconds.", id="uploads.E006"))
-    if not isinstance(conf.MAX_ACTIVE_PER_USER, int) or conf.MAX_ACTIVE_PER_USER < 0:
-        errors.append(Error("UPLOADS_MAX_ACTIVE_PER_USER must be 0 (no limit) or a positive integer.", id="uploads.E007"))
+    active = conf.MAX_ACTIVE_PER_USER
+    if isinstance(active, bool) or not isinstance(active, int) or active < 0:
+        errors.append(
+            Error("UPLOADS_MAX_ACTIVE_PER_USER must be 0 (no limit) or a positive integer.", id="uploads.E007")
+        )
     errors.extend(_check_progress_cache())
     if conf.STORAGE not in settings.STORAGES:
         errors.append(Error(f"UPLOADS_STORAGE {conf.STORAGE!r} is not a key of STORAGES.", id="uploads.E010"))
