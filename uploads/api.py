@@ -60,11 +60,14 @@ class ChunkParser(BaseParser):
 
 class UploadFilter(filters.FilterSet):
     filename = filters.CharFilter(field_name="filename", lookup_expr="exact")
-    status = filters.ChoiceFilter(choices=Status.choices)
+    status = filters.ChoiceFilter(choices=Status.choices, method="filter_status")
 
     class Meta:
         model = UploadSession
         fields = ["filename", "status"]
+
+    def filter_status(self, queryset, name: str, value: str):
+        return selectors.uploads_with_effective_status(queryset, value)
 
 
 ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 403, 404)}

@@ -5,7 +5,7 @@ import uuid
 from datetime import datetime
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from .exceptions import UploadNotFound
@@ -31,6 +31,25 @@ def upload_partial_by_name(*, user: AbstractBaseUser, filename: str, size: int) 
     cleanup command has not run yet.
     """
     return uploads_for_user(user=user).filter(filename=filename, size=size, status=Status.PARTIAL).first()
+
+
+def upload_effective_status(upload: UploadSession, *, now: datetime | None = None) -> str:
+    """The status a client sees: an idle partial upload past its expiry is expired, even before
+    the cleanup command has marked it (and any write to it would be refused with 410)."""
+    expired = upload.expires_at is not None and upload.expires_at <= (now or timezone.now())
+    return Status.EXPIRED if upload.status == Status.PARTIAL and expired else upload.status
+
+
+def uploads_with_effective_status(
+    queryset: QuerySet[UploadSession], status: str, *, now: datetime | None = None
+) -> QuerySet[UploadSession]:
+    """Filter by the status `upload_effective_status` reports, so lists and details agree."""
+    now = now or timezone.now()
+    if status == Status.PARTIAL:
+        return queryset.filter(status=Status.PARTIAL, expires_at__gt=now)
+    if status == Status.EXPIRED:
+        return queryset.filter(Q(status=Status.EXPIRED) | Q(status=Status.PARTIAL, expires_at__lte=now))
+    return queryset.filter(status=status)
 
 
 def uploads_expired(*, now: datetime | None = None) -> QuerySet[UploadSession]:

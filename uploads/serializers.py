@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from django.urls import reverse
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from . import selectors
 from .models import Status, UploadSession
 
 
@@ -37,14 +37,7 @@ class UploadSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.ChoiceField(choices=Status.choices))
     def get_status(self, upload: UploadSession) -> str:
-        # An idle partial past its expiry is expired even before the cleanup command marks it.
-        if (
-            upload.status == Status.PARTIAL
-            and upload.expires_at is not None
-            and upload.expires_at <= timezone.now()
-        ):
-            return Status.EXPIRED
-        return upload.status
+        return selectors.upload_effective_status(upload)
 
     def get_checksum(self, upload: UploadSession) -> str | None:
         return upload.checksum or None
