@@ -558,3 +558,14 @@ def test_staff_download_of_a_missing_file_is_404_not_500(admin_client, user, med
     complete = make_upload(user, "gone.bin", b"data")
     (media_root / complete.file).unlink()
     assert admin_client.get(download_url(complete)).status_code == 404
+
+
+def test_an_idle_partial_past_its_expiry_reads_expired(admin_client, user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    stale = make_upload(user, "stale.bin", b"x" * 100, received=10)
+    UploadSession.objects.filter(pk=stale.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    row = row_of(admin_client.get(CHANGELIST), stale)
+    assert "Expired" in row and "Partial" not in row

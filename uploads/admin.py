@@ -29,7 +29,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import ngettext
 
-from . import progress, services, storage
+from . import progress, selectors, services, storage
 from .exceptions import DataLost, UploadBusy, UploadError
 from .models import Status, UploadSession
 
@@ -63,7 +63,7 @@ class UploadSessionAdmin(admin.ModelAdmin):
     list_display = (
         "filename",
         "owner",
-        "status",
+        "shown_status",
         "progress_bar",
         "received",
         "redis_total",
@@ -129,6 +129,11 @@ class UploadSessionAdmin(admin.ModelAdmin):
         return upload
 
     # --- Columns ---------------------------------------------------------------------------------
+
+    @admin.display(description="Status", ordering="status")
+    def shown_status(self, upload: UploadSession) -> str:
+        # What clients are told: an idle partial past its expiry is expired before cleanup runs.
+        return Status(selectors.upload_effective_status(upload)).label
 
     @admin.display(description="Progress")
     def progress_bar(self, upload: UploadSession) -> SafeString:
