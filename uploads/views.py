@@ -23,19 +23,12 @@ class UploadPageView(LoginRequiredMixin, TemplateView):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        chunk_size = conf.CHUNK_SIZE
-        max_size = conf.MAX_SIZE
-        api_url = reverse("upload-list")
-        context.update(
-            chunk_size=chunk_size,
-            max_size=max_size,
-            api_url=api_url,
-            # Serialised with |json_script in the template: safe against
-            # injection and read by uploader.js with a single JSON.parse.
-            config={
-                "chunkSize": chunk_size,
-                "maxSize": max_size,
-                "apiUrl": api_url,
-            },
-        )
+        context["max_size"] = conf.MAX_SIZE
+        # Serialised with |json_script in the template: safe against injection and read by
+        # uploader.js with a single JSON.parse.
+        context["config"] = {
+            "chunkSize": conf.CHUNK_SIZE,
+            "maxSize": conf.MAX_SIZE,
+            "apiUrl": reverse("upload-list"),
+        }
         return context
