@@ -40,17 +40,22 @@ def _put(url, token, data, start, size):
     )
 
 
+def _open_raw_put(url: str, token: str, start: int, length: int, size: int) -> socket.socket:
+    """A PUT whose headers declare `length` bytes; the caller sends as much of the body as it likes."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(
+        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Range: bytes {start}-{start + length - 1}/{size}\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    return sock
+
+
 def _send_and_cut(url: str, token: str, data: bytes, start: int, size: int, send: int) -> None:
     """Declare the whole chunk, send only `send` bytes, then drop the connection (laptop lid shut)."""
-    parts = urlsplit(url)
-    head = (
-        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
-        f"Content-Range: bytes {start}-{start + len(data) - 1}/{size}\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(head + data[:send])
+    with _open_raw_put(url, token, start, len(data), size) as sock:
+        sock.sendall(data[:send])
         time.sleep(1.5)  # let the server commit what it has (UPLOADS_COMMIT_INTERVAL is 1 s)
         sock.shutdown(socket.SHUT_WR)
         sock.recv(65536)  # the 400 for the short body, or nothing
@@ -127,15 +132,9 @@ def test_a_stalled_connection_does_not_hold_the_upload(start_gunicorn, token):
     server = start_gunicorn(UPLOADS_BODY_TIMEOUT="2", UPLOADS_LOCK_TIMEOUT="1")
     source = os.urandom(6 * MiB)
     created = _create(server, token, "lid.bin", len(source)).json()
-    parts = urlsplit(created["url"])
-    head = (
-        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
-        f"Content-Type: application/octet-stream\r\nContent-Range: bytes 0-{len(source) - 1}/{len(source)}\r\n"
-        f"Content-Length: {len(source)}\r\n\r\n"
-    ).encode()
-    stalled = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    stalled = _open_raw_put(created["url"], token, 0, len(source), len(source))
     try:
-        stalled.sendall(head + source[: 2 * MiB])  # then silence, connection left open
+        stalled.sendall(source[: 2 * MiB])  # then silence, connection left open
         # Wait until the stalled request is the writer: it commits as it streams.
         deadline = time.monotonic() + 10
         while UploadSession.objects.get(pk=created["id"]).offset == 0:
@@ -185,14 +184,8 @@ def test_worker_killed_mid_chunk_then_resume(start_gunicorn, token, media_root):
     server = start_gunicorn(WEB_CONCURRENCY="1")
     source = os.urandom(8 * MiB)
     created = _create(server, token, "crash.bin", len(source)).json()
-    parts = urlsplit(created["url"])
-    head = (
-        f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Token {token}\r\n"
-        f"Content-Type: application/octet-stream\r\nContent-Range: bytes 0-{len(source) - 1}/{len(source)}\r\n"
-        f"Content-Length: {len(source)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(head + source[: 5 * MiB])
+    with _open_raw_put(created["url"], token, 0, len(source), len(source)) as sock:
+        sock.sendall(source[: 5 * MiB])
         deadline = time.monotonic() + 10
         while UploadSession.objects.get(pk=created["id"]).offset < 2 * MiB:  # it commits as it streams
             assert time.monotonic() < deadline
