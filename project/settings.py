@@ -22,7 +22,7 @@ def env_bool(name: str, default: bool) -> bool:
 
 
 def env_list(name: str, default: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+    return [item.strip() for item in (os.environ.get(name) or default).split(",") if item.strip()]
 
 
 def redis_url_with_db(url: str, db: int) -> str:
@@ -39,7 +39,7 @@ def redis_db_of(url: str) -> int:
 DEBUG = env_bool("DEBUG", False)
 # The default key is only good for a laptop; uploads.W001 warns when DEBUG is off and it is unchanged.
 INSECURE_DEFAULT_SECRET_KEY = "django-insecure-resumable-uploads-local-development-only"
-SECRET_KEY = os.environ.get("SECRET_KEY", INSECURE_DEFAULT_SECRET_KEY)
+SECRET_KEY = os.environ.get("SECRET_KEY") or INSECURE_DEFAULT_SECRET_KEY
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
@@ -90,8 +90,8 @@ TEMPLATES = [
 # --- Database: DATABASE_URL, SQLite file in the project folder by default -----------------------
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        conn_max_age=int(os.environ.get("CONN_MAX_AGE", "60")),
+        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=int(os.environ.get("CONN_MAX_AGE") or "60"),
         # A worker whose connection died with a PostgreSQL restart reconnects instead of failing
         # its first request (RELIABILITY.md C2).
         conn_health_checks=True,
@@ -121,9 +121,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis: the default cache, and the upload progress totals in their own database -----------
 # `cache.clear()` on django-redis runs FLUSHDB (RELIABILITY.md X9), so the running totals live in a
 # separate logical database that clearing the default cache cannot touch.
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-UPLOADS_REDIS_URL = os.environ.get(
-    "UPLOADS_REDIS_URL", redis_url_with_db(REDIS_URL, (redis_db_of(REDIS_URL) + 1) % 16)
+# An empty variable counts as unset, as for every variable here.
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+UPLOADS_REDIS_URL = os.environ.get("UPLOADS_REDIS_URL") or redis_url_with_db(
+    REDIS_URL, (redis_db_of(REDIS_URL) + 1) % 16
 )
 _REDIS_OPTIONS = {
     "CLIENT_CLASS": "django_redis.client.DefaultClient",
@@ -149,10 +150,10 @@ CACHES = {
 # --- Files ---------------------------------------------------------------------------------------
 # Nothing under MEDIA_ROOT is served directly: partial files never are, and completed files go
 # through the download view, which sets attachment / nosniff / sandbox headers.
-MEDIA_ROOT = os.environ.get("MEDIA_ROOT", str(BASE_DIR / "media"))
+MEDIA_ROOT = os.environ.get("MEDIA_ROOT") or str(BASE_DIR / "media")
 MEDIA_URL = "/media/"
 STATIC_URL = "/static/"
-STATIC_ROOT = os.environ.get("STATIC_ROOT", str(BASE_DIR / "staticfiles"))
+STATIC_ROOT = os.environ.get("STATIC_ROOT") or str(BASE_DIR / "staticfiles")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -228,5 +229,5 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
-    "loggers": {"uploads": {"level": os.environ.get("UPLOADS_LOG_LEVEL", "INFO")}},
+    "loggers": {"uploads": {"level": os.environ.get("UPLOADS_LOG_LEVEL") or "INFO"}},
 }

@@ -127,3 +127,21 @@ def test_page_pause_and_resume(browser, start_gunicorn, user, tmp_path):
     page.click("[data-testid=resume-button]")
     page.wait_for_selector(_row("pause.bin", "complete"), timeout=30_000)
     assert UploadSession.objects.get(filename="pause.bin").sha256 == digest
+
+
+def test_page_accepts_dropped_files(browser, start_gunicorn, user):
+    server = start_gunicorn(UPLOADS_CHUNK_SIZE=str(1 * MiB))
+    page = _login(browser, server)
+    transfer = page.evaluate_handle(
+        """() => {
+            const transfer = new DataTransfer();
+            const bytes = new Uint8Array(2 * 1024 * 1024 + 5).map((_, i) => i % 251);
+            transfer.items.add(new File([bytes], 'dropped.bin'));
+            return transfer;
+        }"""
+    )
+    page.dispatch_event("[data-testid=drop-zone]", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event("[data-testid=drop-zone]", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector(_row("dropped.bin", "complete"), timeout=30_000)
+    expected = bytes(i % 251 for i in range(2 * MiB + 5))
+    assert UploadSession.objects.get(filename="dropped.bin").sha256 == hashlib.sha256(expected).hexdigest()
