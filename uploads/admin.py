@@ -29,7 +29,8 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import ngettext
 
-from . import progress, selectors, services, storage
+from . import http as http_body
+from . import progress, selectors, services
 from .exceptions import DataLost, UploadBusy, UploadError
 from .models import Status, UploadSession
 
@@ -201,17 +202,10 @@ class UploadSessionAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request, upload):
             raise PermissionDenied
         try:
-            handle = storage.open_final(upload.file)
+            # The same response as the API's: user content is never rendered, not even for staff.
+            return http_body.download_response(upload)
         except DataLost as exc:
             raise Http404(exc.detail) from exc
-        response = FileResponse(
-            handle, as_attachment=True, filename=upload.filename, content_type="application/octet-stream"
-        )
-        # User content is never rendered by the browser, not even for staff (RELIABILITY.md J1).
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Content-Security-Policy"] = "sandbox; default-src 'none'"
-        response["Cache-Control"] = "private, no-cache"
-        return response
 
     # --- Actions and deletion, all through the services -------------------------------------------
 

@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from . import http as http_body
-from . import selectors, services, storage
+from . import selectors, services
 from .exceptions import NotComplete, UnsupportedMediaType, UploadError
 from .models import Status, UploadSession
 from .serializers import ErrorSerializer, UploadCreateSerializer, UploadSerializer
@@ -186,15 +186,7 @@ class UploadViewSet(viewsets.GenericViewSet):
         upload = self._upload()
         if upload.status != Status.COMPLETE:
             raise NotComplete(offset=upload.offset)
-        response = FileResponse(
-            storage.open_final(upload.file), as_attachment=True, filename=upload.filename,
-            content_type="application/octet-stream",
-        )
-        # User content is never rendered by the browser (RELIABILITY.md J1).
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Content-Security-Policy"] = "sandbox; default-src 'none'"
-        response["Cache-Control"] = "private, no-cache"
-        return response
+        return http_body.download_response(upload)
 
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:

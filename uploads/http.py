@@ -8,10 +8,12 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO
 
-from django.http import HttpRequest
+from django.http import FileResponse, HttpRequest
 
+from . import storage
 from .conf import conf
 from .exceptions import LengthRequired
+from .models import UploadSession
 from .validation import parse_non_negative_int
 
 # gunicorn puts the client socket in the WSGI environ under this key.
@@ -41,3 +43,21 @@ def body_stream(request: HttpRequest) -> BinaryIO:
         sock.settimeout(conf.BODY_TIMEOUT)
     # Django's own request (under DRF's wrapper) reads from a stream limited to Content-Length.
     return getattr(request, "_request", request)
+
+
+def download_response(upload: UploadSession) -> FileResponse:
+    """A completed upload as an attachment that no browser renders (RELIABILITY.md J1): always
+    octet-stream, nosniff, and a sandboxing CSP, whoever downloads it (owner or staff).
+
+    Raises DataLost when the stored file has gone missing.
+    """
+    response = FileResponse(
+        storage.open_final(upload.file),
+        as_attachment=True,
+        filename=upload.filename,  # Django builds an RFC 6266 header with filename*
+        content_type="application/octet-stream",
+    )
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "sandbox; default-src 'none'"
+    response["Cache-Control"] = "private, no-cache"
+    return response
