@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "corsheaders",
     "rest_framework",
     "rest_framework.authtoken",
     "django_filters",
@@ -60,7 +61,11 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Before anything that can answer on its own, so every response (errors too) gets CORS headers.
+    "corsheaders.middleware.CorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Before CSRF, authentication and routing: they must see the overriding method.
+    "uploads.middleware.MethodOverrideMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -68,6 +73,28 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# CORS for browser clients on other origins (tus-js-client, Uppy): only the listed origins, with
+# credentials (cookies) allowed, so the origin is echoed, never `*` (TUS.md M1-M4). Session-auth
+# requests from those origins also need them as CSRF trusted origins.
+CORS_ALLOWED_ORIGINS = env_list("UPLOADS_CORS_ORIGINS", "")
+CSRF_TRUSTED_ORIGINS = [*CSRF_TRUSTED_ORIGINS, *(o for o in CORS_ALLOWED_ORIGINS if o not in CSRF_TRUSTED_ORIGINS)]
+CORS_URLS_REGEX = r"^/(files|api)(/.*)?$"
+CORS_ALLOW_CREDENTIALS = True
+CORS_ALLOW_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+CORS_ALLOW_HEADERS = (
+    "accept", "authorization", "content-type", "origin", "user-agent", "x-csrftoken", "x-requested-with",
+    "x-request-id", "x-http-method-override",
+    "tus-resumable", "upload-length", "upload-offset", "upload-metadata", "upload-defer-length",
+    "upload-concat", "upload-checksum",
+    "content-range", "content-digest",  # the REST API's chunk headers
+)
+CORS_EXPOSE_HEADERS = (
+    "Location", "Upload-Offset", "Upload-Length", "Upload-Defer-Length", "Upload-Metadata", "Upload-Concat",
+    "Upload-Expires", "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm",
+    "Retry-After",
+)
+CORS_PREFLIGHT_MAX_AGE = 86400
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"

@@ -1,9 +1,10 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from uploads.api import UploadViewSet
+from uploads.tus import UPLOAD_URL_NAME, TusCreateView, TusUploadView
 from uploads.views import UploadPageView
 
 # "/?": clients that drop the trailing slash get the same endpoint, not a redirect they won't follow.
@@ -17,6 +18,9 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/", include(router.urls)),
+    # tus 1.0.0. With and without a trailing slash: clients do not follow APPEND_SLASH redirects.
+    re_path(r"^files/?$", TusCreateView.as_view(), name="tus-create"),
+    re_path(rf"^files/(?P<pk>{UploadViewSet.lookup_value_regex})/?$", TusUploadView.as_view(), name=UPLOAD_URL_NAME),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", UploadPageView.as_view(), name="upload-page"),
 ]

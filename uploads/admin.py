@@ -53,8 +53,10 @@ def _bytes(value: int) -> SafeString:
     return format_html('<span title="{} bytes">{}</span>', value, filesizeformat(value))
 
 
-def _percent_text(upload: UploadSession) -> str:
+def _percent_text(upload: UploadSession) -> str | None:
     """One decimal, rounded down in integers: 99.96% of a partial upload reads 99.9%, never 100.0%."""
+    if upload.size is None:
+        return None  # a tus client deferred the length: there is no whole to measure against
     tenths = 1000 if upload.size == 0 else upload.offset * 1000 // upload.size
     return f"{tenths // 10}.{tenths % 10}%"
 
@@ -65,13 +67,14 @@ class UploadSessionAdmin(admin.ModelAdmin):
         "filename",
         "owner",
         "shown_status",
+        "protocol",
         "progress_bar",
         "received",
         "redis_total",
         "last_activity",
         "expires",
     )
-    list_filter = ("status", ("owner", admin.RelatedOnlyFieldListFilter))
+    list_filter = ("status", "protocol", ("owner", admin.RelatedOnlyFieldListFilter))
     search_fields = ("filename", "owner__username")
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
@@ -81,6 +84,7 @@ class UploadSessionAdmin(admin.ModelAdmin):
     actions = ("abort_selected", "delete_selected")
     fieldsets = (
         (None, {"fields": ("id", "owner", "filename", "status", "error", "download")}),
+        ("Protocol", {"fields": ("protocol", "tus_metadata", "tus_concat")}),
         ("Progress", {"fields": ("progress_bar", "received", "redis_total", "offset", "size")}),
         ("Integrity", {"fields": ("checksum", "sha256", "file")}),
         ("Timestamps", {"fields": ("created_at", "updated_at", "completed_at", "expires_at")}),
@@ -139,6 +143,8 @@ class UploadSessionAdmin(admin.ModelAdmin):
     @admin.display(description="Progress")
     def progress_bar(self, upload: UploadSession) -> SafeString:
         percent = _percent_text(upload)
+        if percent is None:
+            return format_html('<progress style="width: 8em; vertical-align: middle"></progress> {}', "size unknown")
         return format_html(
             '<progress value="{}" max="100" style="width: 8em; vertical-align: middle">{}</progress> {}',
             percent.rstrip("%"),
@@ -148,6 +154,8 @@ class UploadSessionAdmin(admin.ModelAdmin):
 
     @admin.display(description="Received / size", ordering="offset")
     def received(self, upload: UploadSession) -> SafeString:
+        if upload.size is None:
+            return format_html("{} / {}", _bytes(upload.offset), "size not yet declared")
         return format_html("{} / {}", _bytes(upload.offset), _bytes(upload.size))
 
     @admin.display(description="Redis total")

@@ -34,6 +34,28 @@ class OffsetMismatch(UploadError):
     default_code = "offset_mismatch"
 
 
+class UploadReleased(UploadError):
+    # A newer request for the same upload (a client resuming after its connection died) asked
+    # this one to stop; it committed what it had. Retryable: the client asks for the offset again.
+    status_code = 409
+    default_detail = "A newer request for this upload took over."
+    default_code = "released"
+
+
+class FinalNotWritable(UploadError):
+    # tus concatenation: a final upload is made of its parts, never appended to (TUS.md K7).
+    status_code = 403
+    default_detail = "This upload is the concatenation of partial uploads; it cannot be appended to."
+    default_code = "final_upload"
+
+
+class UnsupportedVersion(UploadError):
+    # tus: a request for a protocol version this server does not speak changes nothing (TUS.md A2).
+    status_code = 412
+    default_detail = "This server speaks tus 1.0.0 only (send 'Tus-Resumable: 1.0.0')."
+    default_code = "unsupported_version"
+
+
 class UploadConflict(UploadError):
     status_code = 409
     default_detail = "An unfinished upload of this file conflicts with the request."

@@ -20,29 +20,71 @@ from .validation import parse_non_negative_int
 GUNICORN_SOCKET = "gunicorn.socket"
 
 
-def content_length(request: HttpRequest) -> int:
+def content_length(request: HttpRequest, *, allow_unframed: bool = False) -> int | None:
     """The declared body length. Without one the body cannot be trusted: Django reads a chunked
-    body as empty (ticket 35838), which would look like a successful empty chunk."""
+    body as empty (ticket 35838), which would look like a successful empty chunk.
+
+    With `allow_unframed`, a body without Content-Length is accepted (None) when the server marks
+    its end itself (`wsgi.input_terminated`, as gunicorn does for chunked bodies); it is then read
+    to its end from the raw WSGI input.
+    """
     raw = request.META.get("CONTENT_LENGTH")
     if not raw:
+        if allow_unframed and request.META.get("wsgi.input_terminated"):
+            return None
         raise LengthRequired("Content-Length is required; chunked request bodies are not accepted.")
     return parse_non_negative_int(raw, "Content-Length")
 
 
-def body_stream(request: HttpRequest) -> BinaryIO:
+class BodyStream:
+    """The request body, read in blocks by the engine, which another request may interrupt.
+
+    `interrupt()` (from the lock's release watcher thread) makes the next read return b"" and
+    shuts the socket's read side down, which wakes a read blocked on a half-open connection. The
+    response can still be written.
+    """
+
+    def __init__(self, source: BinaryIO, sock: socket.socket | None) -> None:
+        self._source = source
+        self._sock = sock
+        self.interrupted = False
+
+    def read(self, size: int) -> bytes:
+        if self.interrupted:
+            return b""
+        return self._source.read(size)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # already closed: the read has ended anyway
+
+
+def body_stream(request: HttpRequest, *, unframed: bool = False) -> BodyStream:
     """The request body as a stream, with an idle timeout on the socket where the server allows.
 
     A client whose laptop lid closed leaves a half-open connection; without a timeout the worker
     would wait in recv() for ever, holding the upload's lock, and every resume would get 423.
     gunicorn has no body timeout of its own but hands us the socket; a read that stalls for
     UPLOADS_BODY_TIMEOUT seconds then raises, and the engine keeps what was durably received.
-    (Behind nginx, its client_body_timeout does the same job.)
+    (Behind nginx, its client_body_timeout does the same job.) A newer request for the same
+    upload does not wait for that timeout: it interrupts the stream (see locks.py).
+
+    `unframed`: the body has no Content-Length (see `content_length`); read the raw WSGI input,
+    which the server ends where the chunked body ends.
     """
+    django_request = getattr(request, "_request", request)
     sock = request.META.get(GUNICORN_SOCKET)
-    if isinstance(sock, socket.socket) and conf.BODY_TIMEOUT:
+    if not isinstance(sock, socket.socket):
+        sock = None
+    elif conf.BODY_TIMEOUT:
         sock.settimeout(conf.BODY_TIMEOUT)
     # Django's own request (under DRF's wrapper) reads from a stream limited to Content-Length.
-    return getattr(request, "_request", request)
+    source = request.META["wsgi.input"] if unframed else django_request
+    return BodyStream(source, sock)
 
 
 def download_response(upload: UploadSession) -> FileResponse:

@@ -9,15 +9,25 @@ offset is also committed with a conditional UPDATE, so a writer that lost its lo
   needs a transaction open for the whole request body, and progress is committed while it streams.
 - Anything else (SQLite): `flock` on a per-upload lock file. Per open file description, so two
   threads of one gthread worker exclude each other too (POSIX `fcntl` locks would not).
+
+Release requests (TUS.md N7, tusd's `.stop` file, @tus/server's `requestRelease`): a request that
+finds the upload held asks the holder to let go, by creating a release file next to the partial
+file (so it works across workers and hosts sharing MEDIA_ROOT, and needs neither Redis nor the
+database). A holder streaming a body is watched by one thread per process; when its release file
+appears, the holder's body stream is interrupted (its socket's read side shut down, which also
+wakes a read stuck on a half-open connection), the holder commits what it durably has and lets go,
+and the newer request gets the upload within a fraction of a second instead of a lock timeout.
 """
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 from django.db import DatabaseError, connection
 
@@ -25,7 +35,13 @@ from . import storage
 from .conf import conf
 from .exceptions import UploadBusy
 
+logger = logging.getLogger(__name__)
+
 POLL_SECONDS = 0.02
+# A waiter repeats its release request this often: the holder it asked may have been replaced by
+# another waiter that got the lock first (newest request wins, as in tusd).
+RELEASE_REPEAT_SECONDS = 0.5
+WATCH_SECONDS = 0.1
 
 
 def _advisory_key(upload_id: uuid.UUID) -> int:
@@ -34,16 +50,23 @@ def _advisory_key(upload_id: uuid.UUID) -> int:
     return int.from_bytes(uuid.UUID(str(upload_id)).bytes[:8], "big", signed=True)
 
 
-def _wait(try_acquire, timeout: float) -> None:
+def _wait(try_acquire: Callable[[], bool], timeout: float, ask_release: Callable[[], None] | None) -> None:
     deadline = time.monotonic() + timeout
+    asked_at = None
     while not try_acquire():
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise UploadBusy()
+        if ask_release is not None and (asked_at is None or now - asked_at >= RELEASE_REPEAT_SECONDS):
+            ask_release()
+            asked_at = now
         time.sleep(POLL_SECONDS)
 
 
 @contextmanager
-def _advisory_lock(upload_id: uuid.UUID, timeout: float) -> Iterator[None]:
+def _advisory_lock(
+    upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None
+) -> Iterator[None]:
     key = _advisory_key(upload_id)
 
     def try_acquire() -> bool:
@@ -51,7 +74,7 @@ def _advisory_lock(upload_id: uuid.UUID, timeout: float) -> Iterator[None]:
             cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
             return bool(cursor.fetchone()[0])
 
-    _wait(try_acquire, timeout)
+    _wait(try_acquire, timeout, ask_release)
     try:
         yield
     finally:
@@ -64,7 +87,7 @@ def _advisory_lock(upload_id: uuid.UUID, timeout: float) -> Iterator[None]:
 
 
 @contextmanager
-def _file_lock(upload_id: uuid.UUID, timeout: float) -> Iterator[None]:
+def _file_lock(upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None) -> Iterator[None]:
     fd = storage.open_lock_file(upload_id)
 
     def try_acquire() -> bool:
@@ -75,16 +98,80 @@ def _file_lock(upload_id: uuid.UUID, timeout: float) -> Iterator[None]:
             return False
 
     try:
-        _wait(try_acquire, timeout)
+        _wait(try_acquire, timeout, ask_release)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
 
 @contextmanager
-def upload_lock(upload_id: uuid.UUID, timeout: float | None = None) -> Iterator[None]:
-    """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting."""
+def upload_lock(upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True) -> Iterator[None]:
+    """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting.
+
+    While waiting, the holder is asked to release (unless `ask_release` is False, e.g. cleanup,
+    which must never interrupt a client).
+    """
     timeout = conf.LOCK_TIMEOUT if timeout is None else timeout
     lock = _advisory_lock if connection.vendor == "postgresql" else _file_lock
-    with lock(upload_id, timeout):
+    asker = (lambda: storage.request_release(upload_id)) if ask_release else None
+    with lock(upload_id, timeout, asker):
+        # Any request made before we got the lock was aimed at the previous holder: answered.
+        storage.clear_release_request(upload_id)
         yield
+
+
+def release_on_request(upload_id: uuid.UUID, interrupt: Callable[[], None] | None):
+    """Call `interrupt` (once, from the watcher thread) if another request asks for the upload
+    while the block runs. Wrap only the body-reading loop: after it, the holder ends on its own."""
+    if interrupt is None:
+        return nullcontext()
+    return _watcher.watching(upload_id, interrupt)
+
+
+class _ReleaseWatcher:
+    """One daemon thread per process polls the release files of the uploads being streamed."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._watched: dict[object, tuple[uuid.UUID, Callable[[], None]]] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @contextmanager
+    def watching(self, upload_id: uuid.UUID, interrupt: Callable[[], None]) -> Iterator[None]:
+        token = object()
+        with self._mutex:
+            self._watched[token] = (upload_id, interrupt)
+            self._start()
+        try:
+            yield
+        finally:
+            # Under the mutex: once this returns, `interrupt` is not running and never will,
+            # so it cannot touch a connection that has moved on to its next request.
+            with self._mutex:
+                self._watched.pop(token, None)
+
+    def _start(self) -> None:
+        # A thread started before a fork does not exist in the child: start one per process.
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="uploads-release-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)
+            with self._mutex:
+                for token, (upload_id, interrupt) in list(self._watched.items()):
+                    try:
+                        if not storage.release_requested(upload_id):
+                            continue
+                        del self._watched[token]
+                        logger.info("upload %s: a newer request asked this one to stop", upload_id)
+                        interrupt()
+                    except Exception:  # noqa: BLE001 - the watcher must outlive any one upload
+                        logger.exception("release watcher failed for upload %s", upload_id)
+
+
+_watcher = _ReleaseWatcher()

@@ -16,6 +16,11 @@ class Status(models.TextChoices):
     EXPIRED = "expired", "Expired"
 
 
+class Protocol(models.TextChoices):
+    REST = "rest", "REST API"
+    TUS = "tus", "tus 1.0.0"
+
+
 class UploadSession(models.Model):
     """An upload in progress or done.
 
@@ -28,7 +33,9 @@ class UploadSession(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="upload_sessions"
     )
     filename = models.CharField(max_length=255, help_text="Display name, sanitised; never a path.")
-    size = models.BigIntegerField(help_text="Declared size in bytes.")
+    size = models.BigIntegerField(
+        null=True, blank=True, help_text="Declared size in bytes; empty while a tus client defers it."
+    )
     offset = models.BigIntegerField(default=0, help_text="Bytes durably received.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PARTIAL)
     checksum = models.CharField(
@@ -39,6 +46,15 @@ class UploadSession(models.Model):
     )
     sha256 = models.CharField(max_length=64, blank=True, default="")
     error = models.CharField(max_length=255, blank=True, default="", help_text="Why it failed.")
+    protocol = models.CharField(
+        max_length=8, choices=Protocol.choices, default=Protocol.REST, help_text="The front end that created it."
+    )
+    tus_metadata = models.TextField(
+        blank=True, default="", help_text="`Upload-Metadata` exactly as the tus client sent it (echoed on HEAD)."
+    )
+    tus_concat = models.TextField(
+        blank=True, default="", help_text="`Upload-Concat`: `partial`, or `final;<partial URLs>` as sent."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -53,16 +69,19 @@ class UploadSession(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(size__gte=0), name="upload_size_gte_0"),
             models.CheckConstraint(condition=Q(offset__gte=0), name="upload_offset_gte_0"),
-            models.CheckConstraint(condition=Q(offset__lte=F("size")), name="upload_offset_lte_size"),
             models.CheckConstraint(
-                condition=~Q(status=Status.COMPLETE) | Q(offset=F("size")),
+                condition=Q(size__isnull=True) | Q(offset__lte=F("size")), name="upload_offset_lte_size"
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=Status.COMPLETE) | Q(size__isnull=False, offset=F("size")),
                 name="upload_complete_has_all_bytes",
             ),
-            # Resume by name must find exactly one upload, and the Redis running total is keyed
-            # by owner, size and name: one unfinished upload per key keeps both unambiguous.
+            # Resume by name (REST) must find exactly one upload, and its Redis running total is
+            # keyed by owner, size and name: one unfinished upload per key keeps both unambiguous.
+            # tus uploads are found by their URL only, so two of the same name may coexist.
             models.UniqueConstraint(
                 fields=["owner", "filename", "size"],
-                condition=Q(status=Status.PARTIAL),
+                condition=Q(status=Status.PARTIAL, protocol=Protocol.REST),
                 name="upload_one_partial_per_file",
             ),
         ]
@@ -75,5 +94,19 @@ class UploadSession(models.Model):
         return self.status == Status.COMPLETE
 
     @property
-    def percent(self) -> float:
+    def length_deferred(self) -> bool:
+        return self.size is None
+
+    @property
+    def concat_partial(self) -> bool:
+        return self.tus_concat == "partial"
+
+    @property
+    def concat_final(self) -> bool:
+        return self.tus_concat.startswith("final;")
+
+    @property
+    def percent(self) -> float | None:
+        if self.size is None:
+            return None
         return 100.0 if self.size == 0 else 100.0 * self.offset / self.size

@@ -4,7 +4,9 @@ Key scheme (cache alias `UPLOADS_PROGRESS_CACHE`, default `uploads`, in its own 
 
     <KEY_PREFIX>:<VERSION>:progress:<owner id>:<size>:<file name>  ->  bytes received (plain integer)
 
-e.g. `redis-cli -n 1 GET 'uploads:1:progress:7:1048576:report.pdf'`. django-redis stores integers
+e.g. `redis-cli -n 1 GET 'uploads:1:progress:7:1048576:report.pdf'`. tus uploads are found by URL,
+not by name (two may share a name, and a deferred size is unknown), so their key is
+`progress:<owner id>:tus:<upload id hex>`. django-redis stores integers
 unpickled, so the value reads as a number. The TTL is `UPLOADS_EXPIRY`, renewed on every write.
 
 The database row is the truth and this is a cache that trails it: it is written only after the
@@ -21,7 +23,7 @@ from collections.abc import Iterable
 from django.core.cache import BaseCache, caches
 
 from .conf import conf
-from .models import UploadSession
+from .models import Protocol, UploadSession
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ _down_until = 0.0
 
 
 def key_for(upload: UploadSession) -> str:
+    if upload.protocol == Protocol.TUS:
+        return f"{KEY_PREFIX}:{upload.owner_id}:tus:{upload.pk.hex}"
     return f"{KEY_PREFIX}:{upload.owner_id}:{upload.size}:{upload.filename}"
 
 

@@ -9,7 +9,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from .exceptions import UploadNotFound
-from .models import Status, UploadSession
+from .models import Protocol, Status, UploadSession
 
 
 def uploads_for_user(*, user: AbstractBaseUser) -> QuerySet[UploadSession]:
@@ -25,12 +25,16 @@ def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -
 
 
 def upload_partial_by_name(*, user: AbstractBaseUser, filename: str, size: int) -> UploadSession | None:
-    """The caller's unfinished upload of this file name and size (the seed's resume by name).
+    """The caller's unfinished REST upload of this file name and size (the seed's resume by name).
 
     There is at most one (a partial unique constraint); it may be past its expiry time if the
-    cleanup command has not run yet.
+    cleanup command has not run yet. tus uploads are resumed by URL only.
     """
-    return uploads_for_user(user=user).filter(filename=filename, size=size, status=Status.PARTIAL).first()
+    return (
+        uploads_for_user(user=user)
+        .filter(filename=filename, size=size, status=Status.PARTIAL, protocol=Protocol.REST)
+        .first()
+    )
 
 
 def upload_effective_status(upload: UploadSession, *, now: datetime | None = None) -> str:
@@ -53,7 +57,11 @@ def uploads_with_effective_status(
 
 
 def uploads_expired(*, now: datetime | None = None) -> QuerySet[UploadSession]:
-    return UploadSession.objects.filter(status=Status.PARTIAL, expires_at__lte=now or timezone.now())
+    """Idle partial uploads past their expiry, and tus concatenation parts past their keep window."""
+    return UploadSession.objects.filter(
+        Q(status=Status.PARTIAL) | Q(status=Status.COMPLETE, tus_concat="partial"),
+        expires_at__lte=now or timezone.now(),
+    )
 
 
 def upload_ids_existing(ids: list[uuid.UUID]) -> set[uuid.UUID]:

@@ -15,7 +15,9 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import BinaryIO
 
 from django.contrib.auth import get_user_model
@@ -28,6 +30,7 @@ from .conf import conf
 from .exceptions import (
     ChecksumMismatch,
     DataLost,
+    FinalNotWritable,
     IncompleteBody,
     InvalidRequest,
     OffsetMismatch,
@@ -39,13 +42,16 @@ from .exceptions import (
     UploadConflict,
     UploadError,
     UploadGone,
+    UploadReleased,
 )
-from .models import Status, UploadSession
+from .models import Protocol, Status, UploadSession
 from .validation import BIGINT_MAX, ChunkDigest, clean_filename, parse_checksum
 
 logger = logging.getLogger(__name__)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# The display name of a tus upload whose client sent no `filename` or `name` metadata.
+UNNAMED = "unnamed"
 
 
 # --- Creation -----------------------------------------------------------------------------------
@@ -54,7 +60,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 def upload_create(
     *, owner: AbstractBaseUser, filename: object, size: object, checksum: object = ""
 ) -> tuple[UploadSession, bool]:
-    """Start an upload, or return the owner's unfinished one of the same name and size.
+    """Start a REST upload, or return the owner's unfinished one of the same name and size.
 
     Returns `(upload, created)`. A zero-byte upload is complete at once.
     Raises UploadConflict when an unfinished upload of the same name and size declares another
@@ -65,45 +71,73 @@ def upload_create(
     checksum = parse_checksum(checksum) if checksum is not None else ""
 
     with transaction.atomic():
-        # Serialise creates per user so resume-by-name and the active-upload cap hold under a burst
-        # of parallel requests (RELIABILITY.md H9); a cache-based throttle would not.
-        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        _lock_owner(owner)
         existing = _resumable(owner=owner, filename=filename, size=size, checksum=checksum)
         if existing is not None:
             transaction.on_commit(lambda: progress.record(existing, existing.offset))
             return existing, False
-        if conf.MAX_ACTIVE_PER_USER and (
-            selectors.uploads_for_user(user=owner).filter(status=Status.PARTIAL).count()
-            >= conf.MAX_ACTIVE_PER_USER
-        ):
-            raise TooManyUploads(
-                f"You have {conf.MAX_ACTIVE_PER_USER} unfinished uploads; finish or cancel some first."
-            )
-        now = timezone.now()
-        upload = UploadSession(
-            id=uuid.uuid4(),
-            owner=owner,
-            filename=filename,
-            size=size,
-            checksum=checksum,
-            created_at=now,
-            updated_at=now,
-            expires_at=now + conf.EXPIRY,
-        )
-        if size == 0:
-            _create_empty(upload)
-        else:
-            # The file exists durably before the row that points to it (RELIABILITY.md §3).
-            storage.create_partial(upload.id)
-            try:
-                with transaction.atomic():
-                    upload.save(force_insert=True)
-            except IntegrityError as exc:
-                # Only reachable by a racing create that bypassed the per-user lock.
-                storage.delete_partial(upload.id)
-                raise UploadConflict("Another request is creating this upload; retry.") from exc
-            transaction.on_commit(lambda: progress.record(upload, 0))
+        upload = _insert(owner=owner, filename=filename, size=size, checksum=checksum, protocol=Protocol.REST)
     return upload, True
+
+
+def upload_create_tus(
+    *,
+    owner: AbstractBaseUser,
+    filename: object | None,
+    size: object | None,
+    metadata: str = "",
+    concat: str = "",
+) -> UploadSession:
+    """Start a tus upload. Always a new one: tus clients resume by URL, never by name.
+
+    `size` None defers the length (creation-defer-length); `metadata` and `concat` are the raw
+    `Upload-Metadata` and `Upload-Concat` headers, kept to echo them exactly.
+    """
+    filename = clean_filename(filename) if filename is not None else UNNAMED
+    size = _validate_size(size) if size is not None else None
+    with transaction.atomic():
+        _lock_owner(owner)
+        upload = _insert(
+            owner=owner, filename=filename, size=size, protocol=Protocol.TUS,
+            tus_metadata=metadata, tus_concat=concat,
+        )
+    return upload
+
+
+def _lock_owner(owner: AbstractBaseUser) -> None:
+    # Serialise creates per user so resume-by-name and the active-upload cap hold under a burst
+    # of parallel requests (RELIABILITY.md H9); a cache-based throttle would not.
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+
+
+def _insert(*, owner: AbstractBaseUser, size: int | None, **fields: object) -> UploadSession:
+    """Create the row (and its partial file) inside the caller's transaction and owner lock."""
+    if conf.MAX_ACTIVE_PER_USER and (
+        selectors.uploads_for_user(user=owner).filter(status=Status.PARTIAL).count()
+        >= conf.MAX_ACTIVE_PER_USER
+    ):
+        raise TooManyUploads(
+            f"You have {conf.MAX_ACTIVE_PER_USER} unfinished uploads; finish or cancel some first."
+        )
+    now = timezone.now()
+    upload = UploadSession(
+        id=uuid.uuid4(), owner=owner, size=size, created_at=now, updated_at=now,
+        expires_at=now + conf.EXPIRY, **fields,
+    )
+    if size == 0:
+        _create_empty(upload)
+        return upload
+    # The file exists durably before the row that points to it (RELIABILITY.md §3).
+    storage.create_partial(upload.id)
+    try:
+        with transaction.atomic():
+            upload.save(force_insert=True)
+    except IntegrityError as exc:
+        # Only reachable by a racing create that bypassed the per-user lock.
+        storage.delete_partial(upload.id)
+        raise UploadConflict("Another request is creating this upload; retry.") from exc
+    transaction.on_commit(lambda: progress.record(upload, 0))
+    return upload
 
 
 def _resumable(*, owner: AbstractBaseUser, filename: str, size: int, checksum: str) -> UploadSession | None:
@@ -153,7 +187,7 @@ def _create_empty(upload: UploadSession) -> None:
     upload.sha256 = EMPTY_SHA256
     upload.status = Status.COMPLETE
     upload.completed_at = upload.created_at
-    upload.expires_at = None
+    upload.expires_at = _expiry_when_complete(upload, upload.created_at)
     upload.save(force_insert=True)
     transaction.on_commit(lambda: progress.record(upload, 0))
 
@@ -195,10 +229,15 @@ def upload_append(
     upload: UploadSession,
     offset: int,
     stream: BinaryIO,
-    length: int,
+    length: int | None,
     digest: ChunkDigest | None = None,
+    declare_size: int | None = None,
 ) -> UploadSession:
-    """Append `length` bytes read from `stream` at `offset`; finalize when the last byte lands.
+    """Append the bytes read from `stream` at `offset`; finalize when the last byte lands.
+
+    `length` is the body's declared length, or None for a body that runs to its end (a chunked
+    request), which may not run past the upload's size. `declare_size` sets a deferred size (tus
+    creation-defer-length) before the bytes are written.
 
     Without a `digest`, progress is committed as the body streams and an interrupted body keeps
     what was durably received (IncompleteBody carries the new offset). With a digest the request
@@ -206,6 +245,8 @@ def upload_append(
     """
     with locks.upload_lock(upload.pk):
         upload.refresh_from_db()
+        if upload.concat_final:
+            raise FinalNotWritable()
         _check_writable(upload)
         if offset != upload.offset:
             # RELIABILITY B4: the client may have taken its offset from a Redis value ahead of the
@@ -216,19 +257,65 @@ def upload_append(
                 f"The upload's offset is {upload.offset}, not {offset}; send from {upload.offset}.",
                 offset=upload.offset,
             )
-        if offset + length > upload.size:
+        if declare_size is not None:
+            _declare_size(upload, declare_size)
+        limit = upload.size if upload.size is not None else conf.MAX_SIZE
+        if length is not None and offset + length > limit:
             raise TooLarge(
-                f"The chunk ends at byte {offset + length}, beyond the declared size {upload.size}.",
+                f"The chunk ends at byte {offset + length}, beyond the "
+                + (f"declared size {upload.size}." if upload.size is not None else f"maximum size {limit}."),
                 offset=upload.offset,
             )
         try:
-            if length:
-                _write(upload, stream=stream, length=length, digest=digest)
+            if length != 0:
+                _write(upload, stream=stream, length=length, limit=limit, digest=digest)
             if upload.offset == upload.size:
                 _finalize(upload)
         except DataLost as exc:
             _fail(upload, exc.detail)
             raise
+    return upload
+
+
+def _declare_size(upload: UploadSession, size: int) -> None:
+    """Fix a deferred size, once. Declaring the same size again is a harmless retry."""
+    if upload.size is not None:
+        if upload.size == size:
+            return
+        raise InvalidRequest(f"The upload's size is already {upload.size}; it cannot change to {size}.")
+    size = _validate_size(size)
+    if size < upload.offset:
+        raise InvalidRequest(
+            f"The declared size {size} is smaller than the {upload.offset} bytes already received.",
+            offset=upload.offset,
+        )
+    updated = UploadSession.objects.filter(pk=upload.pk, size__isnull=True, status=Status.PARTIAL).update(
+        size=size, updated_at=timezone.now()
+    )
+    if updated != 1:
+        _raise_fenced(upload)
+    upload.size = size
+
+
+def upload_settle(*, upload: UploadSession) -> UploadSession:
+    """The upload's committed state with no request writing to it (tus HEAD, TUS.md C7 and N7).
+
+    A request still streaming into the upload (often a half-open connection) is asked to stop and
+    commit what it durably has, so the offset returned is the one the next append must start at.
+    An upload whose last byte is committed but that was never finalized (a crash in between) is
+    finalized here, so a client told "offset == size" is never left with an unfinished upload.
+    """
+    upload.refresh_from_db()
+    if upload.status != Status.PARTIAL:
+        return upload
+    with locks.upload_lock(upload.pk):
+        upload.refresh_from_db()
+        if upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final:
+            try:
+                _finalize(upload)
+            except DataLost as exc:
+                _fail(upload, exc.detail)
+                raise
     return upload
 
 
@@ -242,32 +329,51 @@ def _check_writable(upload: UploadSession) -> None:
         raise UploadGone("The upload expired; start a new one.", status=upload.status)
 
 
-def _write(upload: UploadSession, *, stream: BinaryIO, length: int, digest: ChunkDigest | None) -> None:
+def _write(
+    upload: UploadSession, *, stream: BinaryIO, length: int | None, limit: int, digest: ChunkDigest | None
+) -> None:
+    """Stream the body into the partial file, committing as it goes (see the module docstring).
+
+    With `length` None the body runs until its end, and must end by `limit`: a longer body is
+    refused (413) and its unacknowledged tail dropped, so nothing lands past the upload's size.
+    """
     hasher = hashlib.new(digest.algorithm) if digest else None
     with storage.PartialWriter(upload.pk, upload.offset) as writer:
         start = upload.offset
-        end = start + length
+        end = start + length if length is not None else limit
         state = _Append(upload=upload, writer=writer, committed=start)
         try:
-            while writer.position < end:
-                block = _read(stream, min(conf.BLOCK_SIZE, end - writer.position))
-                if not block:
-                    break
-                writer.write(block)
-                if hasher is not None:
-                    hasher.update(block)
-                elif state.due():
-                    state.commit()
+            with locks.release_on_request(upload.pk, getattr(stream, "interrupt", None)):
+                while writer.position < end:
+                    block = _read(stream, min(conf.BLOCK_SIZE, end - writer.position))
+                    if not block:
+                        break
+                    writer.write(block)
+                    if hasher is not None:
+                        hasher.update(block)
+                    elif writer.position < end and state.due():
+                        # Never at `end`: a longer-than-allowed body must still be refusable whole.
+                        state.commit()
+                overflow = length is None and writer.position == end and _read(stream, 1)
         except _ClientGone:
             _keep_or_discard(state, keep=hasher is None)
-            raise IncompleteBody(
-                "The connection broke before the whole chunk arrived.", offset=state.committed
-            ) from None
+            raise _interrupted(stream, state, start) from None
         except (StorageFull, StorageFailure):
             # The tail past the committed offset is unknown (RELIABILITY X6, D4): drop it.
             writer.truncate(state.committed)
             raise
-        if writer.position < end:
+        if getattr(stream, "interrupted", False) and writer.position < end:
+            _keep_or_discard(state, keep=hasher is None)
+            raise _interrupted(stream, state, start)
+        if overflow:
+            writer.truncate(state.committed)
+            raise TooLarge(
+                f"The body runs past byte {limit}, the upload's "
+                + ("size" if upload.size is not None else "maximum size")
+                + "; the bytes after the last commit were discarded.",
+                offset=state.committed,
+            )
+        if length is not None and writer.position < end:
             _keep_or_discard(state, keep=hasher is None)
             raise IncompleteBody(
                 f"The body ended after {writer.position - start} of {length} bytes.",
@@ -276,13 +382,23 @@ def _write(upload: UploadSession, *, stream: BinaryIO, length: int, digest: Chun
         if hasher is not None and not hmac.compare_digest(hasher.digest(), digest.expected):
             writer.truncate(state.committed)
             raise ChecksumMismatch(
-                "The chunk does not match its Content-Digest; it was discarded.", offset=state.committed
+                "The chunk does not match its checksum; it was discarded.", offset=state.committed
             )
         try:
             state.commit()
         except (StorageFull, StorageFailure):
             writer.truncate(state.committed)
             raise
+
+
+def _interrupted(stream: BinaryIO, state: _Append, start: int) -> UploadError:
+    if getattr(stream, "interrupted", False):
+        return UploadReleased(
+            f"A newer request for this upload took over; this one stopped after {state.committed - start} "
+            f"bytes. Continue from offset {state.committed}.",
+            offset=state.committed,
+        )
+    return IncompleteBody("The connection broke before the whole chunk arrived.", offset=state.committed)
 
 
 def _keep_or_discard(state: _Append, *, keep: bool) -> None:
@@ -325,6 +441,54 @@ def _raise_fenced(upload: UploadSession) -> None:
     raise OffsetMismatch("Another request moved the offset.", offset=current["offset"])
 
 
+# --- tus concatenation ------------------------------------------------------------------------
+
+
+def upload_concatenate(
+    *,
+    owner: AbstractBaseUser,
+    part_ids: Sequence[uuid.UUID],
+    filename: object | None = None,
+    metadata: str = "",
+    concat: str = "",
+) -> UploadSession:
+    """Create a tus final upload: the owner's finished partial uploads joined in the given order.
+
+    The parts are streamed through the same write path as any chunk (the final's own partial file,
+    fsync, committed offsets) and the result is finalized like any other upload. Parts are kept
+    (and may be reused) until their expiry window ends. Raises InvalidRequest for a part that is
+    unknown, not a partial upload, or unfinished (we do not offer concatenation-unfinished).
+    """
+    if not part_ids:
+        raise InvalidRequest("Upload-Concat: final needs at least one partial upload.")
+    parts = []
+    for part_id in part_ids:
+        try:
+            part = selectors.upload_get_for_user(user=owner, upload_id=part_id)
+        except UploadError:
+            raise InvalidRequest(f"Upload-Concat names {part_id}, which is not one of your uploads.") from None
+        if not part.concat_partial:
+            raise InvalidRequest(f"Upload {part_id} was not created with 'Upload-Concat: partial'.")
+        if part.status != Status.COMPLETE:
+            raise InvalidRequest(f"Partial upload {part_id} is not finished ({part.offset}/{part.size} bytes).")
+        parts.append(part)
+    size = sum(part.size for part in parts)
+    if size > conf.MAX_SIZE:
+        raise TooLarge(f"The parts add up to {size} bytes, over the maximum upload size of {conf.MAX_SIZE}.")
+    final = upload_create_tus(owner=owner, filename=filename, size=size, metadata=metadata, concat=concat)
+    if final.status == Status.COMPLETE:
+        return final  # parts of zero bytes
+    with locks.upload_lock(final.pk):
+        try:
+            with storage.open_concatenation([part.file for part in parts]) as stream:
+                _write(final, stream=stream, length=size, limit=size, digest=None)
+            _finalize(final)
+        except UploadError as exc:
+            _fail(final, f"Concatenation failed: {exc.detail}")
+            raise
+    return final
+
+
 # --- Completion ---------------------------------------------------------------------------------
 
 
@@ -363,13 +527,19 @@ def _finalize(upload: UploadSession) -> None:
             sha256=sha256,
             completed_at=now,
             updated_at=now,
-            expires_at=None,
+            expires_at=_expiry_when_complete(upload, now),
         )
         if updated != 1:
             _raise_fenced(upload)
         transaction.on_commit(lambda: progress.record(upload, upload.size))
     upload.refresh_from_db()
     logger.info("upload %s complete: %s (%d bytes)", upload.pk, upload.filename, upload.size)
+
+
+def _expiry_when_complete(upload: UploadSession, now: datetime) -> datetime | None:
+    """Completed uploads never expire, except the parts of a tus concatenation: they are building
+    blocks, kept for reuse (TUS.md K10) for the expiry window, then cleaned up."""
+    return now + conf.EXPIRY if upload.concat_partial else None
 
 
 def _fail(upload: UploadSession, reason: str, *, final_name: str = "") -> None:
@@ -410,7 +580,9 @@ def upload_abort(*, upload: UploadSession, reason: str = "Aborted.") -> UploadSe
 
 def _expire_locked(upload: UploadSession) -> None:
     storage.delete_partial(upload.pk)
-    UploadSession.objects.filter(pk=upload.pk, status=Status.PARTIAL).update(
+    if upload.status == Status.COMPLETE:
+        storage.delete_final(upload.file)  # only a concatenation part past its keep-alive window
+    UploadSession.objects.filter(pk=upload.pk, status=upload.status).update(
         status=Status.EXPIRED, updated_at=timezone.now()
     )
     progress.forget(upload)
@@ -418,11 +590,17 @@ def _expire_locked(upload: UploadSession) -> None:
 
 
 def upload_expire(*, upload: UploadSession) -> bool:
-    """Expire an idle partial upload. Skips (returns False) one that a request is writing to."""
+    """Expire an idle partial upload, or a concatenation part past its window.
+
+    Skips (returns False) one that a request is writing to: cleanup never interrupts a client.
+    """
     try:
-        with locks.upload_lock(upload.pk, timeout=0):
+        with locks.upload_lock(upload.pk, timeout=0, ask_release=False):
             upload.refresh_from_db()
-            if upload.status != Status.PARTIAL or upload.expires_at is None:
+            expirable = upload.status == Status.PARTIAL or (
+                upload.status == Status.COMPLETE and upload.concat_partial
+            )
+            if not expirable or upload.expires_at is None:
                 return False
             if upload.expires_at > timezone.now():
                 return False  # renewed by a chunk since it was selected

@@ -26,6 +26,7 @@ from .exceptions import DataLost, StorageFailure, StorageFull
 
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
+RELEASE_SUFFIX = ".release"
 HASH_BLOCK = 4 * 1024 * 1024
 _SAFE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,16}\Z", re.ASCII)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -88,7 +89,7 @@ def partial_size(upload_id: uuid.UUID) -> int | None:
 
 
 def delete_partial(upload_id: uuid.UUID) -> None:
-    for path in (partial_path(upload_id), lock_path(upload_id)):
+    for path in (partial_path(upload_id), lock_path(upload_id), release_path(upload_id)):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -236,6 +237,7 @@ def publish(upload_id: uuid.UUID, filename: str) -> str:
         _fsync_dir(local_path.parent)
         _fsync_dir(partial_dir())
     lock_path(upload_id).unlink(missing_ok=True)
+    release_path(upload_id).unlink(missing_ok=True)
     return saved
 
 
@@ -283,6 +285,65 @@ def open_lock_file(upload_id: uuid.UUID) -> int:
     return os.open(lock_path(upload_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
 
 
+def release_path(upload_id: uuid.UUID) -> Path:
+    return partial_dir() / f"{uuid.UUID(str(upload_id)).hex}{RELEASE_SUFFIX}"
+
+
+def request_release(upload_id: uuid.UUID) -> None:
+    """Ask the request holding the upload to let go (see locks.py)."""
+    try:
+        partial_dir().mkdir(parents=True, exist_ok=True)
+        os.close(os.open(release_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    except OSError:
+        pass  # the waiter then simply waits for the lock, as without release requests
+
+
+def release_requested(upload_id: uuid.UUID) -> bool:
+    return os.path.lexists(release_path(upload_id))
+
+
+def clear_release_request(upload_id: uuid.UUID) -> None:
+    try:
+        release_path(upload_id).unlink()
+    except FileNotFoundError:
+        pass
+
+
+class _Concatenation:
+    """The completed files `names`, read one after another as a single stream."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = list(names)
+        self._current: File | None = None
+
+    def read(self, size: int) -> bytes:
+        while True:
+            if self._current is None:
+                if not self._names:
+                    return b""
+                self._current = open_final(self._names.pop(0))
+            block = self._current.read(size)
+            if block:
+                return block
+            self._current.close()
+            self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+    def __enter__(self) -> _Concatenation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_concatenation(names: list[str]) -> _Concatenation:
+    return _Concatenation(names)
+
+
 def stale_partial_files(older_than_seconds: float) -> Iterator[tuple[uuid.UUID | None, Path]]:
     """Files in the partial directory untouched for a while, with the upload id their name encodes."""
     directory = partial_dir()
@@ -294,7 +355,7 @@ def stale_partial_files(older_than_seconds: float) -> Iterator[tuple[uuid.UUID |
             continue
         if entry.stat(follow_symlinks=False).st_mtime > cutoff:
             continue
-        stem = entry.name.removesuffix(PARTIAL_SUFFIX).removesuffix(LOCK_SUFFIX)
+        stem = entry.name.removesuffix(PARTIAL_SUFFIX).removesuffix(LOCK_SUFFIX).removesuffix(RELEASE_SUFFIX)
         try:
             upload_id: uuid.UUID | None = uuid.UUID(hex=stem)
         except ValueError:

@@ -140,3 +140,87 @@ def _decode_digest(encoded: str, algorithm: str) -> bytes:
     if len(raw) != hashlib.new(algorithm).digest_size:
         raise InvalidRequest(f"A {algorithm} digest is {hashlib.new(algorithm).digest_size} bytes long.")
     return raw
+
+
+# --- tus headers ---------------------------------------------------------------------------------
+
+# tus checksum extension: the algorithms offered in `Tus-Checksum-Algorithm` (sha1 is required).
+TUS_CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256")
+# A metadata key: printable ASCII without space or comma (tus 1.0.0, Upload-Metadata).
+_TUS_METADATA_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]+\Z", re.ASCII)
+# RFC 4648 §4 base64 with its padding.
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z", re.ASCII)
+TUS_METADATA_MAX_CHARS = 8 * 1024
+
+
+def parse_tus_metadata(value: str | None) -> dict[str, bytes]:
+    """`Upload-Metadata: key base64,key2 base64,flag`: keys are unique, values decoded bytes.
+
+    Strict on purpose: a header that passes contains only printable ASCII, so it is safe to store
+    and echo back as it came (TUS.md C4), and a malformed one is a clear 400, not silently dropped.
+    """
+    if value is None or value.strip(" ") == "":
+        return {}
+    if len(value) > TUS_METADATA_MAX_CHARS:
+        raise InvalidRequest(f"Upload-Metadata is limited to {TUS_METADATA_MAX_CHARS} characters.")
+    pairs: dict[str, bytes] = {}
+    for item in value.split(","):
+        parts = item.strip(" ").split(" ")
+        key, encoded = parts[0], parts[1] if len(parts) > 1 else ""
+        if len(parts) > 2 or not _TUS_METADATA_KEY.match(key):
+            raise InvalidRequest(
+                "Upload-Metadata must be comma-separated 'key base64value' pairs; keys are non-empty "
+                f"ASCII without spaces or commas (got {item.strip(' ')[:40]!r})."
+            )
+        if key in pairs:
+            raise InvalidRequest(f"Upload-Metadata names the key {key!r} twice.")
+        if not _BASE64.match(encoded):
+            raise InvalidRequest(f"The Upload-Metadata value of {key!r} is not padded base64 (RFC 4648 §4).")
+        pairs[key] = base64.b64decode(encoded)
+    return pairs
+
+
+def tus_metadata_filename(metadata: dict[str, bytes]) -> str | None:
+    """The file name a tus client sent as `filename` (tus-js-client, Uppy, tuspy) or `name` (Uppy)."""
+    raw = metadata.get("filename", metadata.get("name"))
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("The file name in Upload-Metadata is not UTF-8.") from exc
+
+
+def parse_upload_checksum(value: str | None) -> ChunkDigest | None:
+    """tus `Upload-Checksum: <algorithm> <base64 digest>`, or None when absent."""
+    if value is None:
+        return None
+    parts = value.split(" ")
+    if len(parts) != 2:
+        raise InvalidRequest("Upload-Checksum must be '<algorithm> <base64 digest>', e.g. 'sha1 Kq5s…='.")
+    algorithm, encoded = parts
+    if algorithm not in TUS_CHECKSUM_ALGORITHMS:
+        raise InvalidRequest(
+            f"Checksum algorithm {algorithm[:20]!r} is not supported; use one of "
+            f"{', '.join(TUS_CHECKSUM_ALGORITHMS)}."
+        )
+    return ChunkDigest(algorithm, _decode_digest(encoded, algorithm))
+
+
+@dataclass(frozen=True)
+class UploadConcat:
+    final: bool
+    urls: tuple[str, ...] = ()
+
+
+def parse_upload_concat(value: str | None) -> UploadConcat | None:
+    """tus `Upload-Concat: partial` or `final;<url> <url>…` (URLs absolute or relative)."""
+    if value is None:
+        return None
+    if value == "partial":
+        return UploadConcat(final=False)
+    if value.startswith("final;"):
+        urls = tuple(value[len("final;"):].split())
+        if urls and all(url.isascii() and url.isprintable() for url in urls):
+            return UploadConcat(final=True, urls=urls)
+    raise InvalidRequest("Upload-Concat must be 'partial' or 'final;<upload URL> <upload URL>…'.")
