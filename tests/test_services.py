@@ -1051,3 +1051,237 @@ def test_finalize_refuses_a_file_of_the_wrong_length(user):
         append(upload, data, 1000)
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and final_files(upload) == []
+
+
+# --- tus-facing engine features: creation, deferred size, unframed bodies, release, concatenation ---
+
+
+def create_tus(user, size: int | None, **kwargs) -> UploadSession:
+    return services.upload_create_tus(owner=user, filename=kwargs.pop("filename", "t.bin"), size=size, **kwargs)
+
+
+class InterruptedStream(io.BytesIO):
+    """A body that a newer request interrupts after `after` bytes (what http.BodyStream does)."""
+
+    def __init__(self, data: bytes, after: int) -> None:
+        super().__init__(data)
+        self.after = after
+        self.interrupted = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self.tell() >= self.after:
+            self.interrupted = True
+        return b"" if self.interrupted else super().read(min(size, self.after - self.tell()))
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+
+@pytest.mark.django_db
+def test_tus_create_is_always_a_new_upload(user):
+    """tus clients resume by URL: the same name and size twice are two uploads, and a REST create
+    of that name and size does not pick either of them up."""
+    first, second = create_tus(user, 10), create_tus(user, 10)
+    assert first.pk != second.pk
+    assert {first.protocol, second.protocol} == {"tus"}
+    rest, created = services.upload_create(owner=user, filename="t.bin", size=10)
+    assert created and rest.pk not in (first.pk, second.pk)
+
+
+@pytest.mark.django_db
+def test_tus_create_without_a_name_or_size(user, media_root):
+    upload = services.upload_create_tus(owner=user, filename=None, size=None)
+    assert upload.filename == services.UNNAMED and upload.size is None and upload.length_deferred
+    assert upload.status == Status.PARTIAL and storage.partial_path(upload.pk).exists()
+    assert progress.key_for(upload) == f"progress:{user.pk}:tus:{upload.pk.hex}"
+
+
+@pytest.mark.django_db
+def test_tus_create_counts_against_the_active_cap(settings, user):
+    settings.UPLOADS_MAX_ACTIVE_PER_USER = 1
+    create_tus(user, 5)
+    with pytest.raises(TooManyUploads):
+        create_tus(user, None)
+
+
+@pytest.mark.django_db
+def test_declaring_a_deferred_size_with_the_last_chunk_completes(user):
+    data = source(10 * KiB)
+    upload = create_tus(user, None)
+    append(upload, data, 0, 4 * KiB)
+    assert UploadSession.objects.get(pk=upload.pk).size is None
+    upload = append(upload, data, 4 * KiB, declare_size=len(data))
+    assert upload.size == len(data)
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+
+
+@pytest.mark.django_db
+def test_declaring_the_same_size_again_is_a_harmless_retry(user):
+    data = source(100)
+    upload = create_tus(user, None)
+    append(upload, data, 0, 50, declare_size=100)
+    upload = append(upload, data, 50, declare_size=100)
+    assert upload.status == Status.COMPLETE
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("declared", "error"),
+    [(99, InvalidRequest), (50, InvalidRequest), (2**63, InvalidRequest)],
+)
+def test_a_size_cannot_change_or_fall_below_the_offset(user, declared, error):
+    data = source(100)
+    upload = create_tus(user, None)
+    append(upload, data, 0, 60)
+    append(upload, data, 60, 60, declare_size=100)  # an empty chunk declaring the size
+    before = state(upload)
+    with pytest.raises(error):
+        append(upload, data, 60, 70, declare_size=declared)
+    assert state(upload) == before
+
+
+@pytest.mark.django_db
+def test_a_declared_size_below_the_offset_is_refused(user):
+    data = source(100)
+    upload = create_tus(user, None)
+    append(upload, data, 0, 60)
+    before = state(upload)
+    with pytest.raises(InvalidRequest, match="smaller than the 60 bytes"):
+        append(upload, data, 60, 70, declare_size=59)
+    assert state(upload) == before
+    assert UploadSession.objects.get(pk=upload.pk).size is None
+
+
+@pytest.mark.django_db
+def test_a_deferred_upload_is_bounded_by_the_maximum_size(settings, user):
+    settings.UPLOADS_MAX_SIZE = 100
+    upload = create_tus(user, None)
+    with pytest.raises(TooLarge):
+        append(upload, source(101), 0)
+    with pytest.raises(TooLarge):
+        append(upload, source(10), 0, declare_size=101)
+    assert state(upload)[0] == 0
+
+
+@pytest.mark.django_db
+def test_an_unframed_body_is_read_to_its_end(user, small_commits):
+    data = source(10 * KiB + 5)
+    upload = create_tus(user, len(data))
+    upload = services.upload_append(upload=upload, offset=0, stream=io.BytesIO(data[:6 * KiB]), length=None)
+    assert upload.offset == 6 * KiB
+    upload = services.upload_append(upload=upload, offset=6 * KiB, stream=io.BytesIO(data[6 * KiB:]), length=None)
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+
+
+@pytest.mark.django_db
+def test_an_unframed_body_past_the_size_is_refused_and_its_tail_dropped(user, small_commits):
+    """Commits made while it streamed stay (as for any interrupted body); nothing past the size."""
+    data = source(10 * KiB)
+    upload = create_tus(user, len(data))
+    with pytest.raises(TooLarge) as caught:
+        services.upload_append(upload=upload, offset=0, stream=io.BytesIO(data + b"x"), length=None)
+    committed = caught.value.extra()["offset"]
+    assert committed < len(data)
+    assert assert_invariants(upload, data, acked=committed).status == Status.PARTIAL
+    assert len(partial_bytes(upload)) == committed
+
+
+@pytest.mark.django_db
+def test_an_interrupted_body_is_released_with_what_it_received(user, small_commits):
+    data = source(20 * KiB)
+    upload = create_tus(user, len(data))
+    with pytest.raises(services.UploadReleased) as caught:
+        services.upload_append(upload=upload, offset=0, stream=InterruptedStream(data, 9 * KiB), length=len(data))
+    assert caught.value.status_code == 409 and caught.value.extra()["offset"] == 9 * KiB
+    assert assert_invariants(upload, data, acked=9 * KiB).offset == 9 * KiB
+
+
+@pytest.mark.django_db
+def test_settle_finalizes_an_upload_whose_last_bytes_were_committed_but_not_finalized(user):
+    """A crash between the last commit and finalize: the next HEAD finishes the job."""
+    data = source(3 * KiB)
+    upload = create_tus(user, len(data))
+    with storage.PartialWriter(upload.pk, 0) as writer:
+        writer.write(data)
+        writer.sync()
+    UploadSession.objects.filter(pk=upload.pk).update(offset=len(data))
+    upload = services.upload_settle(upload=upload)
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+
+
+def _part(user, data: bytes) -> UploadSession:
+    part = create_tus(user, len(data), concat="partial", filename=None)
+    return append(part, data, 0) if data else part
+
+
+@pytest.mark.django_db
+def test_concatenation_joins_finished_parts_in_order(user):
+    a, b = source(5 * KiB, seed=1), source(3 * KiB + 1, seed=2)
+    first, second = _part(user, a), _part(user, b)
+    final = services.upload_concatenate(
+        owner=user, part_ids=[second.pk, first.pk, second.pk], filename="joined.bin", concat="final;x"
+    )
+    joined = b + a + b
+    assert final.filename == "joined.bin" and final.size == len(joined) and final.concat_final
+    assert assert_invariants(final, joined, acked=len(joined)).status == Status.COMPLETE
+    # The parts are kept for reuse, but only for the expiry window.
+    for part in (first, second):
+        part.refresh_from_db()
+        assert part.status == Status.COMPLETE and part.expires_at is not None
+
+
+@pytest.mark.django_db
+def test_concatenation_of_empty_parts_is_complete_at_once(user):
+    final = services.upload_concatenate(owner=user, part_ids=[_part(user, b"").pk], concat="final;x")
+    assert final.status == Status.COMPLETE and final.size == 0
+
+
+@pytest.mark.django_db
+def test_a_final_upload_cannot_be_appended_to(user):
+    part = _part(user, source(10))
+    final = services.upload_concatenate(owner=user, part_ids=[part.pk], concat="final;x")
+    with pytest.raises(services.FinalNotWritable):
+        append(final, source(10), 10)
+
+
+@pytest.mark.django_db
+def test_concatenation_refuses_parts_it_cannot_use(settings, user, other_user):
+    unfinished = create_tus(user, 10, concat="partial")
+    plain = create_tus(user, 3)
+    append(plain, source(3), 0)
+    foreign = _part(other_user, source(4))
+    before = UploadSession.objects.count()
+    for part_id, message in [
+        (unfinished.pk, "not finished"),
+        (plain.pk, "not created with 'Upload-Concat: partial'"),
+        (foreign.pk, "not one of your uploads"),
+        (uuid.uuid4(), "not one of your uploads"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message):
+            services.upload_concatenate(owner=user, part_ids=[part_id], concat="final;x")
+    with pytest.raises(InvalidRequest):
+        services.upload_concatenate(owner=user, part_ids=[], concat="final;x")
+    settings.UPLOADS_MAX_SIZE = 7
+    big = _part(user, source(4))
+    with pytest.raises(TooLarge):
+        services.upload_concatenate(owner=user, part_ids=[big.pk, big.pk], concat="final;x")
+    assert UploadSession.objects.count() == before + 1  # only the part made for the last case
+
+
+@pytest.mark.django_db
+def test_cleanup_removes_concatenation_parts_after_their_window_only(settings, media_root, user):
+    part = _part(user, source(10))
+    final = services.upload_concatenate(owner=user, part_ids=[part.pk], concat="final;x")
+    plain = create_tus(user, 3)
+    append(plain, source(3), 0)
+    assert services.uploads_cleanup().expired == []
+    UploadSession.objects.filter(pk__in=[part.pk, final.pk, plain.pk]).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    report = services.uploads_cleanup()
+    assert [u.pk for u in report.expired] == [part.pk]
+    part.refresh_from_db()
+    assert part.status == Status.EXPIRED and final_files(part) == []
+    for kept in (final, plain):
+        kept.refresh_from_db()
+        assert kept.status == Status.COMPLETE and final_files(kept)
