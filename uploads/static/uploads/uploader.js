@@ -1035,7 +1035,8 @@
       const row = document.createElement("tr");
       const filename = String(upload.filename == null ? "" : upload.filename);
       const status = SERVER_STATUSES.has(upload.status) ? upload.status : "unknown";
-      const size = Number(upload.size);
+      // A tus client may defer its size: null until it declares it, shown as unknown.
+      const size = upload.size == null ? NaN : Number(upload.size);
       const offset = Number(upload.offset);
       row.dataset.testid = "recent-upload-row";
       row.dataset.filename = filename;
@@ -1053,7 +1054,7 @@
       statusCell.append(badge);
 
       const pct = status === "complete" ? 100 : percent(offset, size);
-      appendCell(row, `${pct}%`, "num");
+      appendCell(row, Number.isNaN(size) && status !== "complete" ? "–" : `${pct}%`, "num");
 
       const updated = appendCell(row, "");
       const time = document.createElement("time");
