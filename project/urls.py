@@ -20,7 +20,8 @@ urlpatterns = [
     path("api/", include(router.urls)),
     # tus 1.0.0. With and without a trailing slash: clients do not follow APPEND_SLASH redirects.
     re_path(r"^files/?$", TusCreateView.as_view(), name="tus-create"),
-    re_path(rf"^files/(?P<pk>{UploadViewSet.lookup_value_regex})/?$", TusUploadView.as_view(), name=UPLOAD_URL_NAME),
+    # Any id, not only UUIDs: an unknown one is then a tus 404 (with Tus-Resumable), not Django's page.
+    re_path(r"^files/(?P<pk>[^/]+)/?$", TusUploadView.as_view(), name=UPLOAD_URL_NAME),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", UploadPageView.as_view(), name="upload-page"),
 ]

@@ -132,9 +132,10 @@ def test_create_returns_201_with_the_documented_fields(api, user):
     assert response.status_code == 201
     body = response.json()
     assert set(body) == {
-        "id", "filename", "size", "offset", "status", "checksum", "sha256", "error",
+        "id", "filename", "size", "offset", "status", "protocol", "checksum", "sha256", "error",
         "created_at", "updated_at", "completed_at", "expires_at", "url", "content_url",
     }
+    assert body["protocol"] == "rest"
     assert uuid.UUID(body["id"]).version == 4
     assert body["filename"] == "report.pdf"
     assert (body["size"], body["offset"], body["status"]) == (1234, 0, "partial")

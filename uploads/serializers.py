@@ -30,7 +30,7 @@ class UploadSerializer(serializers.ModelSerializer):
     class Meta:
         model = UploadSession
         fields = [
-            "id", "filename", "size", "offset", "status", "checksum", "sha256", "error",
+            "id", "filename", "size", "offset", "status", "protocol", "checksum", "sha256", "error",
             "created_at", "updated_at", "completed_at", "expires_at", "url", "content_url",
         ]
         read_only_fields = fields
