@@ -237,3 +237,40 @@ def test_location_behind_a_tls_proxy(start_gunicorn, headers):
     )
     assert response.status_code == 201, response.text
     assert response.headers["Location"].startswith("https://uploads.example/files/")
+
+
+def _final_status(sock: socket.socket) -> tuple[int, bytes]:
+    """Read responses until a final (non-1xx) status line; return it and everything read."""
+    received = b""
+    sock.settimeout(10)
+    while True:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+        for line in received.split(b"\r\n"):
+            if line.startswith(b"HTTP/1.1 ") and not line.startswith(b"HTTP/1.1 1"):
+                return int(line.split()[1]), received
+
+
+@pytest.mark.parametrize(
+    ("length", "credentials", "status"),
+    [("99999999999999", True, 413), ("5", False, 401)],
+    ids=["too-large", "no-credentials"],
+)
+def test_expect_100_continue_gets_the_error_before_the_body_is_sent(
+    gunicorn_server, headers, length, credentials, status
+):
+    """F6: a client that waits for `100 Continue` learns about a 413 or 401 without uploading."""
+    parts = urlsplit(gunicorn_server.url)
+    lines = [
+        "POST /files/ HTTP/1.1", f"Host: {parts.netloc}", "Tus-Resumable: 1.0.0", f"Upload-Length: {length}",
+        f"Content-Type: {OCTETS}", "Content-Length: 5", "Expect: 100-continue",
+    ]
+    if credentials:
+        lines.append(f"Authorization: {headers['Authorization']}")
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        code, received = _final_status(sock)  # no body byte was sent
+    assert code == status, received
+    assert b"Tus-Resumable: 1.0.0" in received
+    assert UploadSession.objects.count() == 0
