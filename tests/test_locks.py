@@ -256,3 +256,260 @@ def test_file_lock_uses_flock_on_the_lock_file():
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
+
+
+# --- Release requests (TUS.md N7: the newest request for an upload wins) ------------------------
+
+# The watcher polls every WATCH_SECONDS; this is how long tests wait for it to have looked again.
+WATCHER_ROUNDS = 4 * locks.WATCH_SECONDS
+
+
+def test_a_waiter_asks_the_holder_to_release():
+    upload_id = uuid.uuid4()
+    with Holder(upload_id):
+        assert not storage.release_requested(upload_id)
+        with pytest.raises(UploadBusy):
+            with locks.upload_lock(upload_id, timeout=0.3):
+                pytest.fail("two holders of one upload lock")
+        assert storage.release_requested(upload_id)
+
+
+def test_the_release_request_appears_while_the_waiter_waits():
+    # Asked at the start of the wait, not only when it gives up: the holder can let go in time.
+    upload_id = uuid.uuid4()
+    seen_at: list[float] = []
+    errors: list[BaseException] = []
+    got_lock = threading.Event()
+
+    def waiter() -> None:
+        try:
+            with locks.upload_lock(upload_id, timeout=5):
+                got_lock.set()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    with Holder(upload_id) as holder:
+        thread = threading.Thread(target=waiter, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        while time.monotonic() < started + 2:
+            if storage.release_requested(upload_id):
+                seen_at.append(time.monotonic())
+                break
+            time.sleep(0.01)
+        assert not got_lock.is_set()
+        holder.release.set()
+        thread.join(5)
+        assert not thread.is_alive()
+    assert errors == []
+    assert got_lock.is_set()
+    assert seen_at, "no release request while the waiter waited"
+    assert seen_at[0] - started < 1.0
+
+
+def test_a_waiter_without_ask_release_does_not_ask():
+    # Cleanup must never interrupt a client that is uploading.
+    upload_id = uuid.uuid4()
+    with Holder(upload_id):
+        with pytest.raises(UploadBusy):
+            with locks.upload_lock(upload_id, timeout=0.3, ask_release=False):
+                pass
+        assert not storage.release_requested(upload_id)
+
+
+def test_a_free_lock_asks_nobody():
+    upload_id = uuid.uuid4()
+    with locks.upload_lock(upload_id, timeout=0):
+        assert not storage.release_requested(upload_id)
+    assert not storage.release_requested(upload_id)
+
+
+def test_acquiring_clears_a_stale_release_request():
+    # A request left behind by a waiter that gave up was aimed at an earlier holder: the new
+    # holder must not be interrupted by it.
+    upload_id = uuid.uuid4()
+    storage.request_release(upload_id)
+    assert storage.release_requested(upload_id)
+    with locks.upload_lock(upload_id, timeout=0):
+        assert not storage.release_requested(upload_id)
+
+
+def test_acquiring_clears_a_stale_release_request_without_ask_release():
+    upload_id = uuid.uuid4()
+    storage.request_release(upload_id)
+    with locks.upload_lock(upload_id, timeout=0, ask_release=False):
+        assert not storage.release_requested(upload_id)
+
+
+def test_a_waiter_that_gets_the_lock_clears_its_own_request():
+    upload_id = uuid.uuid4()
+    holder = Holder(upload_id)
+    with holder:
+        threading.Timer(0.3, holder.release.set).start()
+        with locks.upload_lock(upload_id, timeout=5):
+            assert holder.release.is_set()
+            assert not storage.release_requested(upload_id)
+
+
+# The watcher tests below touch files only: a plain (rolled back) test database is enough, and much
+# cheaper than the module's transactional flush.
+watcher_only = pytest.mark.django_db
+
+
+class Callback:
+    """Records each call and the thread it ran on."""
+
+    def __init__(self, duration: float = 0.0) -> None:
+        self.duration = duration
+        self.calls: list[tuple[str, float]] = []
+        self.called = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls.append((threading.current_thread().name, time.monotonic()))
+        self.called.set()
+        time.sleep(self.duration)
+        self.finished.set()
+
+
+@watcher_only
+def test_release_on_request_calls_back_from_the_watcher_thread():
+    upload_id = uuid.uuid4()
+    callback = Callback()
+    with locks.release_on_request(upload_id, callback):
+        time.sleep(WATCHER_ROUNDS)
+        assert callback.calls == []  # nobody asked
+        asked_at = time.monotonic()
+        storage.request_release(upload_id)
+        assert callback.called.wait(2), "the watcher never called back"
+        assert callback.calls[0][1] - asked_at < 1.0
+        time.sleep(WATCHER_ROUNDS)  # the release file is still there: it must not call again
+    assert len(callback.calls) == 1
+    thread_name = callback.calls[0][0]
+    assert thread_name != threading.current_thread().name
+    assert thread_name == "uploads-release-watcher"
+
+
+@watcher_only
+def test_release_on_request_calls_back_for_a_request_made_before_the_block():
+    # A waiter may ask between the holder taking the lock and starting to stream.
+    upload_id = uuid.uuid4()
+    callback = Callback()
+    storage.request_release(upload_id)
+    with locks.release_on_request(upload_id, callback):
+        assert callback.called.wait(2)
+    assert len(callback.calls) == 1
+
+
+@watcher_only
+def test_release_on_request_is_per_upload():
+    asked, other = uuid.uuid4(), uuid.uuid4()
+    asked_callback, other_callback = Callback(), Callback()
+    with locks.release_on_request(asked, asked_callback), locks.release_on_request(other, other_callback):
+        storage.request_release(asked)
+        assert asked_callback.called.wait(2)
+        time.sleep(WATCHER_ROUNDS)
+        assert other_callback.calls == []
+        storage.request_release(other)
+        assert other_callback.called.wait(2)
+    assert len(asked_callback.calls) == 1 and len(other_callback.calls) == 1
+
+
+@watcher_only
+def test_release_on_request_never_calls_back_after_the_block():
+    upload_id = uuid.uuid4()
+    callback = Callback()
+    with locks.release_on_request(upload_id, callback):
+        pass
+    storage.request_release(upload_id)
+    time.sleep(WATCHER_ROUNDS)
+    assert callback.calls == []
+
+
+@watcher_only
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.06, 0.09, 0.12])
+def test_release_on_request_callback_is_not_running_once_the_block_has_exited(delay):
+    # The callback shuts a socket down: once the block is left, the connection may serve the next
+    # request, so a call must either have finished before the exit returns or never happen.
+    upload_id = uuid.uuid4()
+    callback = Callback(duration=0.05)
+    exited = threading.Event()
+    calls_after_exit: list[float] = []
+
+    def recording() -> None:
+        if exited.is_set():
+            calls_after_exit.append(time.monotonic())
+        callback()
+        if exited.is_set():
+            calls_after_exit.append(time.monotonic())
+
+    with locks.release_on_request(upload_id, recording):
+        storage.request_release(upload_id)
+        time.sleep(delay)  # leave the block at different moments of the watcher's poll
+    exited.set()
+    assert not callback.called.is_set() or callback.finished.is_set(), "the callback was still running"
+    time.sleep(WATCHER_ROUNDS)
+    assert calls_after_exit == []
+    assert len(callback.calls) <= 1
+
+
+@watcher_only
+def test_release_on_request_without_a_callback_is_a_no_op():
+    upload_id = uuid.uuid4()
+    with locks.release_on_request(upload_id, None) as value:
+        storage.request_release(upload_id)
+        time.sleep(WATCHER_ROUNDS)
+    assert value is None
+    assert storage.release_requested(upload_id)  # left alone: nobody consumed it
+
+
+@watcher_only
+def test_a_failing_callback_does_not_stop_the_watcher():
+    # One upload's broken interrupt must not leave every other upload unwatched.
+    broken, healthy = uuid.uuid4(), uuid.uuid4()
+    callback = Callback()
+
+    def fail() -> None:
+        raise RuntimeError("interrupt failed")
+
+    with locks.release_on_request(broken, fail):
+        storage.request_release(broken)
+        time.sleep(WATCHER_ROUNDS)
+    with locks.release_on_request(healthy, callback):
+        storage.request_release(healthy)
+        assert callback.called.wait(2), "the watcher died with the failing callback"
+
+
+def test_a_newer_request_takes_over_from_a_streaming_holder():
+    # End to end: the holder streams inside release_on_request; a waiter asks, the watcher
+    # interrupts the holder, it lets go, and the waiter gets the upload long before its timeout.
+    upload_id = uuid.uuid4()
+    interrupted = threading.Event()
+    holding = threading.Event()
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with locks.upload_lock(upload_id, timeout=5):
+                with locks.release_on_request(upload_id, interrupted.set):
+                    holding.set()
+                    interrupted.wait(10)  # "reading the body" until interrupted
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert holding.wait(5)
+    started = time.monotonic()
+    with locks.upload_lock(upload_id, timeout=5):
+        waited = time.monotonic() - started
+        assert interrupted.is_set()
+        assert not storage.release_requested(upload_id)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert errors == []
+    assert waited < 1.5

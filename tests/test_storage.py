@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.core.files.base import ContentFile
 
 from uploads import storage
 from uploads.exceptions import DataLost, StorageFailure, StorageFull
@@ -256,6 +257,18 @@ def test_delete_partial_removes_data_and_lock_file_and_is_idempotent(partial, up
     storage.delete_partial(upload_id)  # again: nothing to do, no error
 
 
+def test_delete_partial_also_removes_a_release_request(partial, upload_id):
+    # A deleted upload must not leave a `.release` file behind for the cleanup command to find.
+    os.close(storage.open_lock_file(upload_id))
+    storage.request_release(upload_id)
+    storage.delete_partial(upload_id)
+    assert not partial.exists()
+    assert not storage.lock_path(upload_id).exists()
+    assert not storage.release_path(upload_id).exists()
+    assert not storage.release_requested(upload_id)
+    assert list(storage.partial_dir().iterdir()) == []
+
+
 # --- Publishing ---------------------------------------------------------------------------------
 
 
@@ -424,3 +437,147 @@ def test_remove_file_is_idempotent(tmp_path):
     storage.remove_file(path)
     storage.remove_file(path)
     assert not path.exists()
+
+
+# --- Release requests ---------------------------------------------------------------------------
+
+
+def test_release_request_round_trip(media_root, upload_id):
+    # No partial directory yet: asking and checking must still work (the waiter creates it).
+    assert not storage.partial_dir().exists()
+    assert not storage.release_requested(upload_id)
+
+    storage.request_release(upload_id)
+    assert storage.release_requested(upload_id)
+    path = storage.release_path(upload_id)
+    assert path.is_file()
+    assert path == storage.partial_dir() / f"{upload_id.hex}.release"
+    assert _inside(path, media_root)
+
+    storage.request_release(upload_id)  # asking again (waiters repeat) is harmless
+    assert storage.release_requested(upload_id)
+
+    storage.clear_release_request(upload_id)
+    assert not storage.release_requested(upload_id)
+    assert not path.exists()
+    storage.clear_release_request(upload_id)  # nothing to clear: no error
+
+
+def test_release_requests_are_per_upload(upload_id):
+    other = uuid.uuid4()
+    storage.request_release(upload_id)
+    assert not storage.release_requested(other)
+    storage.clear_release_request(other)
+    assert storage.release_requested(upload_id)
+
+
+def test_release_request_accepts_the_id_as_a_string(upload_id):
+    storage.request_release(str(upload_id))
+    assert storage.release_requested(upload_id)
+    storage.clear_release_request(str(upload_id))
+    assert not storage.release_requested(upload_id)
+
+
+def test_release_request_does_not_follow_a_planted_symlink(tmp_path, upload_id):
+    # O_NOFOLLOW, as for every file this module creates (RELIABILITY I7).
+    target = tmp_path / "outside-created.txt"
+    storage.partial_dir().mkdir(parents=True)
+    storage.release_path(upload_id).symlink_to(target)
+    storage.request_release(upload_id)  # no error: the waiter then just waits for the lock
+    assert not target.exists()
+
+
+def test_publish_removes_a_release_request(partial, upload_id):
+    storage.request_release(upload_id)
+    storage.publish(upload_id, "a.txt")
+    assert not storage.release_requested(upload_id)
+
+
+# --- Concatenation (tus concatenation extension) ----------------------------------------------------
+
+
+def _save_final(name: str, data: bytes) -> str:
+    return storage.final_storage().save(name, ContentFile(data))
+
+
+def _read_all(stream, size: int) -> list[bytes]:
+    blocks = []
+    for _ in range(10_000):  # bounded: a stream that never ends fails the test instead of hanging
+        block = stream.read(size)
+        if not block:
+            return blocks
+        assert len(block) <= size
+        blocks.append(block)
+    pytest.fail("the concatenation never reached its end")
+
+
+PARTS = [b"abc", b"", b"defgh", b"", b"", b"i", b"jklmnopqrstuvwxyz"]
+
+
+@pytest.fixture
+def part_names():
+    return [_save_final(f"uploads/part{index}/part{index}.bin", data) for index, data in enumerate(PARTS)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 64, 1024 * 1024])
+def test_open_concatenation_reads_the_files_in_order_as_one_stream(part_names, size):
+    with storage.open_concatenation(part_names) as stream:
+        blocks = _read_all(stream, size)
+        assert stream.read(size) == b""  # the end stays the end
+    assert b"".join(blocks) == b"".join(PARTS)
+
+
+def test_open_concatenation_follows_the_order_given(part_names):
+    with storage.open_concatenation(list(reversed(part_names))) as stream:
+        assert b"".join(_read_all(stream, 4)) == b"".join(reversed(PARTS))
+
+
+def test_open_concatenation_may_name_a_file_twice(part_names):
+    with storage.open_concatenation([part_names[0], part_names[0], part_names[2]]) as stream:
+        assert b"".join(_read_all(stream, 2)) == b"abcabcdefgh"
+
+
+def test_open_concatenation_does_not_change_the_list_it_was_given(part_names):
+    names = list(part_names)
+    with storage.open_concatenation(names) as stream:
+        _read_all(stream, 5)
+    assert names == part_names
+
+
+def test_open_concatenation_of_only_empty_files_is_empty():
+    names = [_save_final(f"uploads/e{index}/e{index}.bin", b"") for index in range(3)]
+    with storage.open_concatenation(names) as stream:
+        assert stream.read(10) == b""
+
+
+def test_open_concatenation_of_nothing_is_empty():
+    with storage.open_concatenation([]) as stream:
+        assert stream.read(10) == b""
+
+
+def test_open_concatenation_of_large_files(media_root):
+    first, second = os.urandom(storage.HASH_BLOCK + 17), os.urandom(100_003)
+    names = [_save_final("uploads/big1/big1.bin", first), _save_final("uploads/big2/big2.bin", second)]
+    with storage.open_concatenation(names) as stream:
+        assert b"".join(_read_all(stream, 65536)) == first + second
+
+
+def test_open_concatenation_missing_file_is_data_lost(part_names):
+    storage.final_storage().delete(part_names[2])
+    with storage.open_concatenation(part_names) as stream:
+        with pytest.raises(DataLost) as excinfo:
+            _read_all(stream, 2)
+    assert excinfo.value.status_code == 410
+
+
+def test_open_concatenation_missing_first_file_is_data_lost_on_first_read(part_names):
+    with storage.open_concatenation(["uploads/nope/nope.bin", *part_names]) as stream:
+        with pytest.raises(DataLost):
+            stream.read(10)
+
+
+def test_open_concatenation_close_is_idempotent(part_names):
+    stream = storage.open_concatenation(part_names)
+    assert stream.read(2) == b"ab"
+    stream.close()
+    stream.close()

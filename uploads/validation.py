@@ -181,9 +181,12 @@ def parse_tus_metadata(value: str | None) -> dict[str, bytes]:
 
 
 def tus_metadata_filename(metadata: dict[str, bytes]) -> str | None:
-    """The file name a tus client sent as `filename` (tus-js-client, Uppy, tuspy) or `name` (Uppy)."""
-    raw = metadata.get("filename", metadata.get("name"))
-    if raw is None:
+    """The file name a tus client sent as `filename` (tus-js-client, Uppy, tuspy) or `name` (Uppy).
+
+    An empty value counts as absent (a Blob without a name), so the upload is "unnamed", not a 400.
+    """
+    raw = metadata.get("filename") or metadata.get("name")
+    if not raw:
         return None
     try:
         return raw.decode("utf-8")
