@@ -10,6 +10,7 @@ lock, one offset. Policies where the protocol leaves a choice are noted where th
 """
 from __future__ import annotations
 
+import logging
 from urllib.parse import urljoin, urlsplit
 
 from django.http import HttpResponse
@@ -49,6 +50,8 @@ from .validation import (
     parse_upload_concat,
     tus_metadata_filename,
 )
+
+logger = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = (
@@ -99,6 +102,10 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     elif isinstance(exc, IncompleteBody):
         response.status_code = INCOMPLETE_BODY
         response["Retry-After"] = "1"
+        # A dropped connection is routine, not a server error: log it as a warning here and keep
+        # Django from logging every 5xx at ERROR (the flag is how Django marks a logged response).
+        logger.warning("tus %s %s: %s", request.method, request.path, exc.detail)
+        response._has_been_logged = True
     if isinstance(exc, (OffsetMismatch, UploadReleased)) and "offset" in exc.extra():
         response["Upload-Offset"] = str(exc.extra()["offset"])  # TUS.md D3: where to resume
     if isinstance(exc, UnsupportedVersion):
