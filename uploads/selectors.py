@@ -5,6 +5,7 @@ import uuid
 from datetime import datetime
 
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -20,7 +21,8 @@ def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -
     """The caller's upload; another user's upload is "not found", so ids leak nothing (RELIABILITY K1)."""
     try:
         return uploads_for_user(user=user).get(pk=upload_id)
-    except (UploadSession.DoesNotExist, ValueError, TypeError) as exc:
+    except (UploadSession.DoesNotExist, ValidationError, ValueError, TypeError) as exc:
+        # ValidationError: Django's answer to an id that is not a UUID at all.
         raise UploadNotFound() from exc
 
 

@@ -257,15 +257,16 @@ def upload_append(
                 f"The upload's offset is {upload.offset}, not {offset}; send from {upload.offset}.",
                 offset=upload.offset,
             )
-        if declare_size is not None:
-            _declare_size(upload, declare_size)
-        limit = upload.size if upload.size is not None else conf.MAX_SIZE
+        size = _checked_size(upload, declare_size) if declare_size is not None else upload.size
+        limit = size if size is not None else conf.MAX_SIZE
         if length is not None and offset + length > limit:
             raise TooLarge(
                 f"The chunk ends at byte {offset + length}, beyond the "
-                + (f"declared size {upload.size}." if upload.size is not None else f"maximum size {limit}."),
+                + (f"declared size {size}." if size is not None else f"maximum size {limit}."),
                 offset=upload.offset,
             )
+        if size != upload.size:
+            _save_size(upload, size)  # only once the request is known to fit
         try:
             if length != 0:
                 _write(upload, stream=stream, length=length, limit=limit, digest=digest)
@@ -277,11 +278,11 @@ def upload_append(
     return upload
 
 
-def _declare_size(upload: UploadSession, size: int) -> None:
-    """Fix a deferred size, once. Declaring the same size again is a harmless retry."""
+def _checked_size(upload: UploadSession, size: int) -> int:
+    """A deferred size being declared: valid, and fixed once (the same size again is a retry)."""
     if upload.size is not None:
         if upload.size == size:
-            return
+            return size
         raise InvalidRequest(f"The upload's size is already {upload.size}; it cannot change to {size}.")
     size = _validate_size(size)
     if size < upload.offset:
@@ -289,6 +290,10 @@ def _declare_size(upload: UploadSession, size: int) -> None:
             f"The declared size {size} is smaller than the {upload.offset} bytes already received.",
             offset=upload.offset,
         )
+    return size
+
+
+def _save_size(upload: UploadSession, size: int) -> None:
     updated = UploadSession.objects.filter(pk=upload.pk, size__isnull=True, status=Status.PARTIAL).update(
         size=size, updated_at=timezone.now()
     )
