@@ -2,9 +2,11 @@
 (`make test` points Redis at databases 14 and 15, which these fixtures flush)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
+from django.contrib.auth.hashers import make_password
 from django.core.cache import caches
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -48,14 +50,21 @@ def clean_redis(settings):
     progress.reset_backoff()
 
 
+@functools.cache
+def password_hash(password: str) -> str:
+    """PBKDF2 at Django's real cost (half a second) once per password per run, not once per test.
+    The hash is real, so live servers and the browser log in with the password as usual."""
+    return make_password(password)
+
+
 @pytest.fixture
 def user(django_user_model):
-    return django_user_model.objects.create_user(username="alice", password="alice-password-1")
+    return django_user_model.objects.create(username="alice", password=password_hash("alice-password-1"))
 
 
 @pytest.fixture
 def other_user(django_user_model):
-    return django_user_model.objects.create_user(username="bob", password="bob-password-1")
+    return django_user_model.objects.create(username="bob", password=password_hash("bob-password-1"))
 
 
 @pytest.fixture

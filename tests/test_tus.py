@@ -272,12 +272,6 @@ class InThread(threading.Thread):
         return self.response
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    """Every test creates its users; PBKDF2's deliberate half second each is not under test here."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def publishes(monkeypatch):
     """Count completions: every successful `storage.publish` (the one "completed" side effect)."""
