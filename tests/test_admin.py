@@ -569,3 +569,20 @@ def test_an_idle_partial_past_its_expiry_reads_expired(admin_client, user):
     UploadSession.objects.filter(pk=stale.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     row = row_of(admin_client.get(CHANGELIST), stale)
     assert "Expired" in row and "Partial" not in row
+
+
+def test_tus_uploads_are_listed_with_their_protocol_and_a_deferred_size(admin_client, user):
+    """A tus upload whose client has not declared its size yet has no percentage to show."""
+    deferred = services.upload_create_tus(owner=user, filename="stream.bin", size=None)
+    services.upload_append(upload=deferred, offset=0, stream=io.BytesIO(b"x" * 1000), length=1000)
+    known = services.upload_create_tus(owner=user, filename="known.bin", size=4000)
+
+    response = admin_client.get(CHANGELIST)
+    assert response.status_code == 200
+    deferred_row, known_row = row_of(response, deferred), row_of(response, known)
+    assert "tus 1.0.0" in deferred_row and "tus 1.0.0" in known_row
+    assert "size unknown" in deferred_row and "size not yet declared" in deferred_row
+    assert "0.0%" in known_row
+    assert admin_client.get(f"{CHANGELIST}?protocol__exact=tus").status_code == 200
+    detail = admin_client.get(change_url(deferred))
+    assert detail.status_code == 200 and "size not yet declared" in detail.content.decode()
