@@ -128,33 +128,56 @@ def test_chunked_body_without_length_is_refused(gunicorn_server, token):
 
 def test_a_stalled_connection_does_not_hold_the_upload(start_gunicorn, token):
     """The laptop lid closes mid-chunk: the connection stays half-open and sends nothing more.
-    After UPLOADS_BODY_TIMEOUT the server keeps what arrived and frees the upload for the resume."""
+    After UPLOADS_BODY_TIMEOUT the server keeps what arrived and frees the upload on its own, with
+    no other request asking it to (that path is the next test)."""
     server = start_gunicorn(UPLOADS_BODY_TIMEOUT="2", UPLOADS_LOCK_TIMEOUT="1")
     source = os.urandom(6 * MiB)
     created = _create(server, token, "lid.bin", len(source)).json()
     stalled = _open_raw_put(created["url"], token, 0, len(source), len(source))
     try:
         stalled.sendall(source[: 2 * MiB])  # then silence, connection left open
-        # Wait until the stalled request is the writer: it commits as it streams.
-        deadline = time.monotonic() + 10
-        while UploadSession.objects.get(pk=created["id"]).offset == 0:
-            assert time.monotonic() < deadline, "the stalled request never started writing"
-            time.sleep(0.05)
-        statuses, offset = [], 0
-        while time.monotonic() < deadline + 10:
-            response = _put(created["url"], token, source[offset:], offset, len(source))
-            statuses.append(response.status_code)
-            if response.status_code == 409:  # adopt the offset the stalled request left
-                offset = response.json()["offset"]
-            elif response.status_code != 423:  # 423: still held; retry, as clients do
-                break
-            time.sleep(0.2)
-        assert response.status_code == 200, (statuses, response.text)
-        assert statuses[0] == 423, statuses  # the stalled request held it at first...
-        assert 0 < offset <= 2 * MiB  # ...then let go, keeping what had arrived
+        _wait_until_writing(created["id"])
+        time.sleep(2 + 1)  # the body timeout, and a second for the holder to commit and let go
+        offset = requests.get(created["url"], headers={"Authorization": f"Token {token}"}, timeout=10).json()["offset"]
+        assert 0 < offset <= 2 * MiB  # what had arrived was kept
+        response = _put(created["url"], token, source[offset:], offset, len(source))
+        assert response.status_code == 200, response.text  # at once: nothing holds the upload
         assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
+        assert "asked this one to stop" not in server.output()
     finally:
         stalled.close()
+
+
+def test_a_stalled_request_is_released_for_the_resume(start_gunicorn, token):
+    """The same, but the client comes back before the body timeout: its resume asks the stalled
+    request to let go (TUS.md N7, for the REST API too) instead of waiting or getting 423."""
+    server = start_gunicorn(UPLOADS_BODY_TIMEOUT="30")
+    source = os.urandom(6 * MiB)
+    created = _create(server, token, "lid.bin", len(source)).json()
+    stalled = _open_raw_put(created["url"], token, 0, len(source), len(source))
+    try:
+        stalled.sendall(source[: 2 * MiB])
+        _wait_until_writing(created["id"])
+        started = time.monotonic()
+        response = _put(created["url"], token, source, 0, len(source))  # a retry from where it began
+        assert time.monotonic() - started < 3
+        assert response.status_code == 409, response.text  # the stalled request's bytes were kept
+        offset = response.json()["offset"]
+        assert 0 < offset <= 2 * MiB
+        response = _put(created["url"], token, source[offset:], offset, len(source))
+        assert response.status_code == 200, response.text
+        assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
+        assert "asked this one to stop" in server.output()
+    finally:
+        stalled.close()
+
+
+def _wait_until_writing(upload_id: str) -> None:
+    """Until the stalled request is the writer: it commits as it streams."""
+    deadline = time.monotonic() + 10
+    while UploadSession.objects.get(pk=upload_id).offset == 0:
+        assert time.monotonic() < deadline, "the stalled request never started writing"
+        time.sleep(0.05)
 
 
 def test_uploads_go_on_when_redis_is_down(start_gunicorn, token):
