@@ -2,12 +2,19 @@
 (`make test` points Redis at databases 14 and 15, which these fixtures flush)."""
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.hashers import make_password
 from django.core.cache import caches
+from django.db import connections
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -104,3 +111,99 @@ def start_gunicorn(transactional_db, media_root, tmp_path):
 @pytest.fixture
 def gunicorn_server(start_gunicorn):
     return start_gunicorn()
+
+
+@pytest.fixture
+def token(user):
+    """alice's API token."""
+    return Token.objects.create(user=user).key
+
+
+# --- Real clients: Debian's Chromium, tus-js-client under Node -----------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# CI installs chromium (.ci/run); elsewhere the browser tests say why they are skipped, never pass silently.
+requires_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="needs Debian's chromium"
+)
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are
+    # still plain synchronous code, so Django's async-safety guard does not apply.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+        # With Playwright's loop running in this thread, Django gave the test's ORM calls a
+        # connection of their own; close it now, or PostgreSQL refuses to drop the test database.
+        connections.close_all()
+
+
+TUS_JS_SOURCE = Path(__file__).resolve().parent / "tus_js"
+TUS_JS_FILES = ("package.json", "package-lock.json", "upload.mjs")
+TUS_JS_VERSION = "4.3.1"
+NPM_TIMEOUT = 300  # seconds for `npm ci` (a cold npm cache downloads ~20 small packages)
+
+
+def _tus_js_cache_dir() -> Path:
+    if os.environ.get("TUS_JS_CACHE_DIR"):
+        return Path(os.environ["TUS_JS_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "resumable-uploads" / "tus-js"
+
+
+def _run_setup(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`{' '.join(command)}` did not finish within {timeout} s:\n{exc.stdout}\n{exc.stderr}", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(f"`{' '.join(command)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}", pytrace=False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def tus_js_dir() -> Path:
+    """A folder with upload.mjs and tus-js-client installed by `npm ci`, reused while the lock is unchanged."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail(
+            "The tus-js-client tests need Node.js (>= 18) and npm on PATH; install them "
+            "(e.g. `apt-get install nodejs npm`) - these tests do not skip.",
+            pytrace=False,
+        )
+    version = _run_setup([node, "--version"], Path.cwd(), 30).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 18:
+        pytest.fail(f"tus-js-client {TUS_JS_VERSION} needs Node.js >= 18, found {version}.", pytrace=False)
+
+    cache = _tus_js_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = hashlib.sha256(
+        b"".join((TUS_JS_SOURCE / name).read_bytes() for name in ("package.json", "package-lock.json"))
+    ).hexdigest()
+    stamp = cache / ".installed-lock-sha256"
+    installed = cache / "node_modules" / "tus-js-client" / "package.json"
+    with open(cache / ".setup.lock", "w") as setup_lock:
+        fcntl.flock(setup_lock, fcntl.LOCK_EX)  # two test runs at once install only once
+        for name in TUS_JS_FILES:
+            source, target = TUS_JS_SOURCE / name, cache / name
+            if not target.exists() or target.read_bytes() != source.read_bytes():
+                temporary = cache / f".{name}.tmp"
+                shutil.copyfile(source, temporary)
+                os.replace(temporary, target)  # atomic: another run may be executing upload.mjs
+        up_to_date = stamp.exists() and stamp.read_text().strip() == wanted and installed.exists()
+        if not up_to_date:
+            stamp.unlink(missing_ok=True)
+            _run_setup([npm, "ci", "--no-audit", "--no-fund", "--prefix", str(cache)], cache, NPM_TIMEOUT)
+            stamp.write_text(wanted + "\n")
+    found = json.loads(installed.read_text())["version"]
+    assert found == TUS_JS_VERSION, f"{cache} has tus-js-client {found}, not {TUS_JS_VERSION}"
+    return cache

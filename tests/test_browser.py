@@ -8,29 +8,10 @@ import pytest
 
 from uploads.models import UploadSession
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.live,
-    # CI installs chromium (.ci/run); elsewhere the tests say why they are skipped, never pass silently.
-    pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="needs Debian's chromium"),
-]
+from .conftest import requires_chromium
+
+pytestmark = [pytest.mark.live, requires_chromium]
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def browser(monkeypatch):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are
-    # still plain synchronous code, so Django's async-safety guard does not apply.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        yield browser
-        browser.close()
 
 
 def _login(browser, server):

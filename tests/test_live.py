@@ -9,17 +9,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from rest_framework.authtoken.models import Token
 
 from uploads.models import UploadSession
 
 pytestmark = pytest.mark.live
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def token(user):
-    return Token.objects.create(user=user).key
 
 
 def _create(server, token, name, size):

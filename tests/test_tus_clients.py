@@ -13,7 +13,6 @@ tus-js-client only), an empty file and a 1-byte file, a deferred length (tus-js-
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +25,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from rest_framework.authtoken.models import Token
 from tusclient import client as tus_client
 from tusclient.storage.filestorage import FileStorage
 
@@ -37,76 +35,8 @@ from .invariants import assert_invariants
 pytestmark = pytest.mark.live
 MiB = 1024 * 1024
 
-TUS_JS_SOURCE = Path(__file__).resolve().parent / "tus_js"
-TUS_JS_FILES = ("package.json", "package-lock.json", "upload.mjs")
-TUS_JS_VERSION = "4.3.1"
-NPM_TIMEOUT = 300  # seconds for `npm ci` (a cold npm cache downloads ~20 small packages)
 NODE_TIMEOUT = 90  # seconds for one client run (upload.mjs gives up by itself after 60)
 HTTP_TIMEOUT = 10
-
-
-# --- Set-up ---------------------------------------------------------------------------------------
-
-
-def _tus_js_cache_dir() -> Path:
-    if os.environ.get("TUS_JS_CACHE_DIR"):
-        return Path(os.environ["TUS_JS_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "resumable-uploads" / "tus-js"
-
-
-def _run_setup(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(command)}` did not finish within {timeout} s:\n{exc.stdout}\n{exc.stderr}", pytrace=False)
-    if result.returncode != 0:
-        pytest.fail(f"`{' '.join(command)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}", pytrace=False)
-    return result
-
-
-@pytest.fixture(scope="session")
-def tus_js_dir() -> Path:
-    """A folder with upload.mjs and tus-js-client installed by `npm ci`, reused while the lock is unchanged."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "The tus-js-client tests need Node.js (>= 18) and npm on PATH; install them "
-            "(e.g. `apt-get install nodejs npm`) - these tests do not skip.",
-            pytrace=False,
-        )
-    version = _run_setup([node, "--version"], Path.cwd(), 30).stdout.strip()
-    if int(version.lstrip("v").split(".")[0]) < 18:
-        pytest.fail(f"tus-js-client {TUS_JS_VERSION} needs Node.js >= 18, found {version}.", pytrace=False)
-
-    cache = _tus_js_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    wanted = hashlib.sha256(
-        b"".join((TUS_JS_SOURCE / name).read_bytes() for name in ("package.json", "package-lock.json"))
-    ).hexdigest()
-    stamp = cache / ".installed-lock-sha256"
-    installed = cache / "node_modules" / "tus-js-client" / "package.json"
-    with open(cache / ".setup.lock", "w") as setup_lock:
-        fcntl.flock(setup_lock, fcntl.LOCK_EX)  # two test runs at once install only once
-        for name in TUS_JS_FILES:
-            source, target = TUS_JS_SOURCE / name, cache / name
-            if not target.exists() or target.read_bytes() != source.read_bytes():
-                temporary = cache / f".{name}.tmp"
-                shutil.copyfile(source, temporary)
-                os.replace(temporary, target)  # atomic: another run may be executing upload.mjs
-        up_to_date = stamp.exists() and stamp.read_text().strip() == wanted and installed.exists()
-        if not up_to_date:
-            stamp.unlink(missing_ok=True)
-            _run_setup([npm, "ci", "--no-audit", "--no-fund", "--prefix", str(cache)], cache, NPM_TIMEOUT)
-            stamp.write_text(wanted + "\n")
-    found = json.loads(installed.read_text())["version"]
-    assert found == TUS_JS_VERSION, f"{cache} has tus-js-client {found}, not {TUS_JS_VERSION}"
-    return cache
-
-
-@pytest.fixture
-def token(user):
-    return Token.objects.create(user=user).key
 
 
 @dataclass
