@@ -5,7 +5,7 @@ from rest_framework.routers import DefaultRouter
 
 from uploads.api import UploadViewSet
 from uploads.tus import UPLOAD_URL_NAME, TusCreateView, TusUploadView
-from uploads.views import UploadPageView
+from uploads.views import UploadPageView, upload_form
 
 # "/?": clients that drop the trailing slash get the same endpoint, not a redirect they won't follow.
 # Set after construction: DefaultRouter.__init__ turns any truthy `trailing_slash` into "/".
@@ -23,5 +23,6 @@ urlpatterns = [
     # Any id, not only UUIDs: an unknown one is then a tus 404 (with Tus-Resumable), not Django's page.
     re_path(r"^files/(?P<pk>[^/]+)/?$", TusUploadView.as_view(), name=UPLOAD_URL_NAME),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("upload/", upload_form, name="upload-form"),  # the page's form without JavaScript
     path("", UploadPageView.as_view(), name="upload-page"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO
 
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.http import FileResponse, HttpRequest
 
 from . import storage
@@ -85,6 +86,32 @@ def body_stream(request: HttpRequest, *, unframed: bool = False) -> BodyStream:
     # Django's own request (under DRF's wrapper) reads from a stream limited to Content-Length.
     source = request.META["wsgi.input"] if unframed else django_request
     return BodyStream(source, sock)
+
+
+class FileSizeLimit(FileUploadHandler):
+    """Stops storing a multipart upload as soon as one file passes UPLOADS_MAX_SIZE.
+
+    First in settings.FILE_UPLOAD_HANDLERS, before Django's TemporaryFileUploadHandler (which
+    streams each file to a temporary file on disk, so a form upload never sits in memory): an
+    oversized file is not written past the limit. The rest of the body is read and dropped, so
+    the browser gets the error page rather than a reset connection. `too_large` names the file.
+    """
+
+    too_large: str | None = None
+
+    def new_file(self, field_name, file_name, *args, **kwargs) -> None:
+        super().new_file(field_name, file_name, *args, **kwargs)
+        self._received = 0
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
+        self._received += len(raw_data)
+        if self._received > conf.MAX_SIZE:
+            self.too_large = self.file_name
+            raise StopUpload(connection_reset=False)
+        return raw_data  # on to the next handler, which writes it to disk
+
+    def file_complete(self, file_size: int) -> None:
+        return None  # the next handler makes the file
 
 
 def download_response(upload: UploadSession) -> FileResponse:

@@ -19,6 +19,7 @@ class Status(models.TextChoices):
 class Protocol(models.TextChoices):
     REST = "rest", "REST API"
     TUS = "tus", "tus 1.0.0"
+    FORM = "form", "HTML form"  # the page without JavaScript: one request per file, not resumable
 
 
 class UploadSession(models.Model):

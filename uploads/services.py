@@ -104,6 +104,22 @@ def upload_create_tus(
     return upload
 
 
+def upload_receive_file(*, owner: AbstractBaseUser, filename: object, stream: BinaryIO, size: int) -> UploadSession:
+    """Record a whole file received in one request (the page's form without JavaScript).
+
+    Not resumable, but otherwise an upload like any other: always a new one, written through the
+    same append path (fsync, committed offset) and finalized the same way.
+    """
+    filename = clean_filename(filename)
+    size = _validate_size(size)
+    with transaction.atomic():
+        _lock_owner(owner)
+        upload = _insert(owner=owner, filename=filename, size=size, protocol=Protocol.FORM)
+    if upload.status == Status.PARTIAL:
+        upload = upload_append(upload=upload, offset=0, stream=stream, length=size)
+    return upload
+
+
 def _lock_owner(owner: AbstractBaseUser) -> None:
     # Serialise creates per user so resume-by-name and the active-upload cap hold under a burst
     # of parallel requests (RELIABILITY.md H9); a cache-based throttle would not.
