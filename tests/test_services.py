@@ -1285,3 +1285,15 @@ def test_cleanup_removes_concatenation_parts_after_their_window_only(settings, m
     for kept in (final, plain):
         kept.refresh_from_db()
         assert kept.status == Status.COMPLETE and final_files(kept)
+
+
+@pytest.mark.django_db
+def test_receive_file_records_a_whole_file_as_a_new_upload(user):
+    """The form without JavaScript: never resumes by name, goes through the append path, completes."""
+    data = source(5 * KiB)
+    rest, _ = services.upload_create(owner=user, filename="same.bin", size=len(data))
+    upload = services.upload_receive_file(owner=user, filename="same.bin", stream=io.BytesIO(data), size=len(data))
+    assert upload.pk != rest.pk and upload.protocol == "form"
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+    empty = services.upload_receive_file(owner=user, filename="e", stream=io.BytesIO(b""), size=0)
+    assert empty.status == Status.COMPLETE
