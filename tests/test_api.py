@@ -1168,3 +1168,18 @@ def test_status_filter_agrees_with_the_status_shown(api):
 
     assert [u["id"] for u in partial] == [live["id"]]
     assert [(u["id"], u["status"]) for u in expired] == [(stale["id"], "expired")]
+
+
+def test_get_finishes_an_upload_whose_last_request_died_before_finalizing(api):
+    """Every byte committed, never finalized (a crash while hashing): reading it finishes it, so a
+    client that sees offset == size always sees a complete upload with its SHA-256."""
+    data = b"all bytes are here"
+    upload_id = create(api, "crashed.bin", len(data)).json()["id"]
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(data)
+        writer.sync()
+    UploadSession.objects.filter(pk=upload_id).update(offset=len(data))
+
+    body = api.get(f"/api/uploads/{upload_id}").json()
+    assert (body["status"], body["offset"]) == ("complete", len(data))
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()

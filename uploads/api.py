@@ -126,7 +126,12 @@ class UploadViewSet(viewsets.GenericViewSet):
         return self._render(upload, http.HTTP_201_CREATED if created else http.HTTP_200_OK)
 
     def retrieve(self, request: Request, pk: str) -> Response:
-        return self._render(self._upload())
+        upload = self._upload()
+        if upload.status == Status.PARTIAL and upload.offset == upload.size:
+            # Every byte is committed but the request that would have finalized it died (a crash
+            # while hashing): finish it now, so "offset == size" always means complete to a client.
+            upload = services.upload_settle(upload=upload)
+        return self._render(upload)
 
     @extend_schema(
         summary="Append one chunk at the current offset",
