@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Tests flush their Redis databases, so they get their own numbers (14, and 15 for the totals).
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
 
-.PHONY: install run test test-postgres lint bench clean
+.PHONY: install run test test-postgres lint bench screenshots clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: install
 
 test-postgres: install
 	DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Re-take docs/screenshots/upload-page.png (the browser test that takes it on every run keeps it in tmp).
+screenshots: install
+	UPDATE_SCREENSHOTS=1 REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q tests/test_browser.py -k 40_mib
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -8,8 +8,14 @@
  * pause, a lost response, a 409) we ask it rather than guess, so a chunk is
  * never skipped and a resend is always safe.
  *
- * An `UploadQueue` runs at most MAX_PARALLEL uploaders at once, and
- * `RecentUploads` renders the "Recent uploads" table from the list endpoint.
+ * An `UploadQueue` runs at most MAX_PARALLEL uploaders at once. When the
+ * browser goes offline it gives up the requests in flight (they could only
+ * hang) and the uploads wait for the `online` event, keeping their slots.
+ * `RecentUploads` renders the "Recent uploads" table from the list endpoint,
+ * with a hint on how to resume each partial upload.
+ *
+ * Without JavaScript none of this runs: the page shows a plain multipart
+ * form instead (see the <noscript> parts of the template).
  *
  * Plain ES2020, no dependencies, no build step. File names and every other
  * server-provided string are written with textContent (or as attribute
@@ -40,9 +46,10 @@
   const DEFAULT_CHUNK_SIZE = 5 * 1024 * 1024;
 
   // States in which a row holds (or waits for) an upload slot and in which
-  // leaving the page would lose work.
-  const ACTIVE_STATES = new Set(["queued", "uploading", "retrying"]);
-  const RUNNING_STATES = new Set(["uploading", "retrying"]);
+  // leaving the page would lose work. An "offline" row keeps its slot: it
+  // goes on by itself when the network returns.
+  const ACTIVE_STATES = new Set(["queued", "uploading", "retrying", "offline"]);
+  const RUNNING_STATES = new Set(["uploading", "retrying", "offline"]);
   // Used as CSS class suffixes, so only known values are accepted.
   const SERVER_STATUSES = new Set(["partial", "complete", "failed", "expired"]);
 
@@ -51,6 +58,7 @@
     uploading: "Uploading…",
     paused: "Paused",
     retrying: "Retrying…",
+    offline: "Offline – waiting for the network…",
     complete: "Complete",
     error: "Failed",
   };
@@ -86,6 +94,21 @@
     // Bytes are whole; past 100 a decimal is noise.
     const digits = unit === 0 || value >= 100 ? 0 : 1;
     return `${value.toFixed(digits)} ${BYTE_UNITS[unit]}`;
+  }
+
+  /**
+   * 95 -> "2 min left". Rounded up: a countdown that says "1 min" for the
+   * last 59 seconds reads better than one that says "0 min". Empty when the
+   * time is unknown, so the caller can hide it.
+   */
+  function formatEta(seconds) {
+    if (!Number.isFinite(seconds) || seconds < 0) return "";
+    if (seconds < 60) return `${Math.max(1, Math.ceil(seconds))} s left`;
+    const minutes = Math.ceil(seconds / 60);
+    if (minutes < 60) return `${minutes} min left`;
+    const hours = Math.floor(minutes / 60);
+    const rest = minutes % 60;
+    return rest ? `${hours} h ${rest} min left` : `${hours} h left`;
   }
 
   const dateFormat = new Intl.DateTimeFormat(undefined, {
@@ -125,6 +148,38 @@
     const value = await promise;
     checkAborted(signal);
     return value;
+  }
+
+  /**
+   * One try of an operation within a run. It ends with the run (pause,
+   * cancel) or on its own when the network goes away, in which case the run
+   * goes on and tries again. (AbortSignal.any would link the two signals,
+   * but only browsers from 2024 on have it.)
+   */
+  class Attempt {
+    constructor(runSignal) {
+      this.runSignal = runSignal;
+      this.controller = new AbortController();
+      this.signal = this.controller.signal;
+      this.forward = () => this.controller.abort(runSignal.reason);
+      if (runSignal.aborted) this.forward();
+      else runSignal.addEventListener("abort", this.forward, { once: true });
+    }
+
+    /** Cut this try short (its request cannot succeed); the run retries. */
+    interrupt() {
+      this.controller.abort(new DOMException("The network went away.", "AbortError"));
+    }
+
+    /** True when this try, not the whole run, was aborted. */
+    get interrupted() {
+      return this.signal.aborted && !this.runSignal.aborted;
+    }
+
+    /** Call when the try is over, so a long run does not pile up listeners. */
+    release() {
+      this.runSignal.removeEventListener("abort", this.forward);
+    }
   }
 
   /** setTimeout as a promise that rejects as soon as `signal` aborts. */
@@ -496,8 +551,12 @@
   let rowCounter = 0;
 
   /** Same key as the server uses to find a partial upload to resume. */
+  function uploadKey(name, size) {
+    return `${name}\u0000${size}`;
+  }
+
   function fileKey(file) {
-    return `${file.name}\u0000${file.size}`;
+    return uploadKey(file.name, file.size);
   }
 
   class Uploader {
@@ -509,6 +568,7 @@
       this.offset = 0; // bytes the server has confirmed
       this.state = "queued";
       this.controller = null; // aborts the current run (pause / cancel)
+      this.attempt = null; // the try in flight, cut short when the network goes away
       this.needsSync = false; // GET the offset before the next PUT
       this.resumable = true; // false after an error retrying cannot fix
       this.conflicts = 0; // consecutive 409s
@@ -534,6 +594,7 @@
       this.progressEl = part("progress");
       this.bytesEl = part("bytes");
       this.speedEl = part("speed");
+      this.etaEl = part("eta");
       this.errorEl = part("error");
       this.downloadEl = part("download");
       this.buttons = {
@@ -569,7 +630,7 @@
       this.row.dataset.state = state;
       this.stateEl.textContent = text || STATE_LABELS[state];
       this.updateButtons();
-      this.renderSpeed();
+      this.renderRate();
     }
 
     updateButtons() {
@@ -579,10 +640,11 @@
       this.buttons.resume.hidden = !canResume;
       this.buttons.resume.textContent = this.state === "error" ? "Retry" : "Resume";
       this.buttons.cancel.hidden = this.state === "complete";
-      // Pause and Resume swap places: keep keyboard focus in the row instead
-      // of dropping it on <body> when the focused button disappears.
+      // Pause and Resume swap places, and Download replaces both at the end:
+      // keep keyboard focus in the row instead of dropping it on <body> when
+      // the focused button disappears.
       if (focused && focused.hidden) {
-        const next = Object.values(this.buttons).find((button) => !button.hidden);
+        const next = [...Object.values(this.buttons), this.downloadEl].find((control) => !control.hidden);
         if (next) next.focus();
       }
     }
@@ -598,12 +660,16 @@
       this.progressEl.setAttribute("aria-valuenow", String(pct));
       this.progressEl.setAttribute("aria-valuetext", `${pct}% (${formatBytes(this.offset)} of ${formatBytes(size)})`);
       this.bytesEl.textContent = `${formatBytes(this.offset)} of ${formatBytes(size)} (${pct}%)`;
-      this.renderSpeed();
+      this.renderRate();
     }
 
-    renderSpeed() {
+    /** Speed and time left: only while bytes are moving, hidden otherwise. */
+    renderRate() {
       const rate = this.state === "uploading" ? this.speed.rate() : null;
       this.speedEl.textContent = rate === null ? "" : `${formatBytes(rate)}/s`;
+      const eta = rate !== null && rate > 0 ? formatEta((this.file.size - this.offset) / rate) : "";
+      this.etaEl.textContent = eta;
+      this.etaEl.hidden = eta === "";
     }
 
     showError(message) {
@@ -629,6 +695,7 @@
       if (!ACTIVE_STATES.has(this.state)) return;
       this.stop();
       this.setState("paused");
+      announce(`${this.file.name} paused.`);
       this.queue.pump(); // the slot can go to the next queued file
     }
 
@@ -641,13 +708,20 @@
       this.checkedAtEnd = false;
       this.showError("");
       this.setState("queued");
+      announce(`Resuming ${this.file.name}.`);
       this.queue.pump();
     }
 
+    /**
+     * Stop, drop the row and delete what the server holds: a cancelled
+     * upload cannot be resumed, so its partial data is only in the way.
+     */
     async cancel() {
       this.stop();
       const upload = this.upload;
       this.queue.remove(this);
+      // The row is gone; say so to those who cannot see it go.
+      announce(`${this.file.name} cancelled.`);
       if (upload) {
         try {
           await deleteWithRetry(upload.url);
@@ -656,6 +730,19 @@
         }
         recent.scheduleRefresh();
       }
+    }
+
+    /**
+     * The browser lost the network. A request in flight now would fail only
+     * after a long timeout, or stall for good; give it up at once and wait
+     * for the `online` event, keeping the slot. Between tries there is
+     * nothing to cut: the next try waits for the network by itself.
+     */
+    goOffline() {
+      if (this.attempt === null) return;
+      this.speed.reset();
+      this.setState("offline");
+      this.attempt.interrupt();
     }
 
     /** Abort whatever the current run is awaiting (fetch, backoff, offline wait). */
@@ -670,7 +757,7 @@
     async run(signal) {
       try {
         if (this.upload === null) {
-          await this.withRetry(signal, () => this.create(signal));
+          await this.withRetry(signal, (attemptSignal) => this.create(attemptSignal));
         }
         for (;;) {
           checkAborted(signal);
@@ -684,7 +771,7 @@
             const reason = typeof this.upload.error === "string" && this.upload.error ? ` ${this.upload.error}` : "";
             throw new UploadError(`The upload is ${status} on the server.${reason}`);
           }
-          await this.withRetry(signal, () => this.sendNextChunk(signal));
+          await this.withRetry(signal, (attemptSignal) => this.sendNextChunk(attemptSignal));
         }
       } catch (error) {
         // Paused or cancelled: the action already updated (or removed) the row.
@@ -694,39 +781,50 @@
     }
 
     /**
-     * Run `operation` until it succeeds, backing off on network errors, 5xx
-     * and 423 and waiting for the browser to come back online. Errors that
-     * retrying cannot fix, and aborts, propagate at once.
+     * Run `operation(attemptSignal)` until it succeeds, backing off on
+     * network errors, 5xx and 423 and waiting for the browser to come back
+     * online. Errors that retrying cannot fix, and aborts, propagate at once.
      */
     async withRetry(signal, operation) {
       let failures = 0;
       for (;;) {
         if (navigator.onLine === false) await this.waitUntilOnline(signal);
+        const attempt = new Attempt(signal);
+        this.attempt = attempt;
+        let error;
         try {
-          return await operation();
-        } catch (error) {
-          if (signal.aborted) throw error;
-          const kind = classify(error);
-          if (kind === "final" || kind === "aborted") throw error;
-          // Failing because we are offline says nothing about the server:
-          // wait for the network without spending a retry.
-          if (kind === "network" && navigator.onLine === false) continue;
-
-          failures += 1;
-          if (failures > MAX_RETRIES) throw new RetriesExhaustedError(error);
-          // A lost response may hide a chunk the server did store; re-read
-          // the offset before resending. (423 means nothing was stored.)
-          if (kind !== "busy" && this.upload !== null) this.needsSync = true;
-          this.speed.reset();
-          await this.countdown(signal, retryDelay(error, failures), retryReason(error));
-          this.setState("uploading");
+          return await operation(attempt.signal);
+        } catch (caught) {
+          error = caught;
+        } finally {
+          attempt.release();
+          this.attempt = null;
         }
+        if (signal.aborted) throw error;
+        const kind = classify(error);
+        if (attempt.interrupted || (kind === "network" && navigator.onLine === false)) {
+          // Failing because we are offline says nothing about the server:
+          // wait for the network without spending a retry. The request may
+          // have stored part of the chunk, so ask for the offset first.
+          if (this.upload !== null) this.needsSync = true;
+          continue;
+        }
+        if (kind === "final" || kind === "aborted") throw error;
+
+        failures += 1;
+        if (failures > MAX_RETRIES) throw new RetriesExhaustedError(error);
+        // A lost response may hide a chunk the server did store; re-read
+        // the offset before resending. (423 means nothing was stored.)
+        if (kind !== "busy" && this.upload !== null) this.needsSync = true;
+        this.speed.reset();
+        await this.countdown(signal, retryDelay(error, failures), retryReason(error));
+        this.setState("uploading");
       }
     }
 
     async waitUntilOnline(signal) {
       this.speed.reset();
-      this.setState("retrying", "Offline – waiting for the network…");
+      this.setState("offline");
       await waitForOnline(signal, OFFLINE_RECHECK_MS);
       checkAborted(signal);
       if (this.upload !== null) this.needsSync = true;
@@ -738,7 +836,8 @@
       const until = Date.now() + ms;
       for (;;) {
         const left = until - Date.now();
-        if (left <= 0) return;
+        // Gone offline meanwhile: stop counting, the caller waits for the network.
+        if (left <= 0 || navigator.onLine === false) return;
         this.setState("retrying", `${reason} – retrying in ${Math.ceil(left / 1000)}s`);
         // Sleep to the next whole second so the number ticks evenly.
         await sleep(((left - 1) % 1000) + 1, signal);
@@ -835,13 +934,14 @@
 
     finish() {
       this.offset = this.file.size;
-      this.setState("complete");
-      this.render();
+      // The link first, so setState can move keyboard focus onto it.
       const href = safeHref(this.upload.content_url);
       if (href) {
         this.downloadEl.href = href;
         this.downloadEl.hidden = false;
       }
+      this.setState("complete");
+      this.render();
       announce(`${this.file.name} uploaded.`);
       recent.scheduleRefresh();
     }
@@ -967,6 +1067,27 @@
       this.pump();
     }
 
+    /** True if a row for this file exists, whatever its state. */
+    has(name, size) {
+      const key = uploadKey(name, size);
+      return this.items.some((uploader) => uploader.key === key);
+    }
+
+    /** The browser lost the network: stop sending into the void. */
+    goOffline() {
+      const running = this.items.filter((uploader) => RUNNING_STATES.has(uploader.state));
+      if (running.length === 0) return;
+      for (const uploader of running) uploader.goOffline();
+      this.notify("You are offline. The uploads continue by themselves when the connection is back.");
+    }
+
+    /** Rows waiting for the network notice `online` themselves; just say so. */
+    backOnline() {
+      if (this.items.some((uploader) => uploader.state === "offline")) {
+        this.notify("Back online – continuing the uploads.");
+      }
+    }
+
     updateEmpty() {
       this.emptyEl.hidden = this.items.length > 0;
     }
@@ -985,9 +1106,16 @@
   // ------------------------------------------------------------ recent uploads
 
   class RecentUploads {
-    constructor(tbody, statusEl) {
+    /**
+     * `chooseFiles()` opens the file picker; `isQueued(name, size)` says
+     * whether the page already has a row for that file (then the table
+     * offers no resume hint: the row has its own buttons).
+     */
+    constructor(tbody, statusEl, { chooseFiles, isQueued }) {
       this.tbody = tbody;
       this.statusEl = statusEl;
+      this.chooseFiles = chooseFiles;
+      this.isQueued = isQueued;
       this.timer = null;
       this.controller = null;
     }
@@ -1071,8 +1199,35 @@
         link.textContent = "Download";
         link.setAttribute("aria-label", `Download ${filename}`);
         actions.append(link);
+      } else if (this.resumableHere(upload, status, size)) {
+        actions.append(this.resumeHint(filename, percent(offset, size)));
       }
       return row;
+    }
+
+    /**
+     * The page resumes a partial REST upload when the same file (name and
+     * size) is chosen again. tus uploads are resumed by their URL, which only
+     * the client that made them knows, so they get no hint.
+     */
+    resumableHere(upload, status, size) {
+      return (
+        status === "partial" &&
+        upload.protocol === "rest" &&
+        Number.isSafeInteger(size) &&
+        !this.isQueued(String(upload.filename), size)
+      );
+    }
+
+    /** A button that says how to resume, and opens the file picker to do it. */
+    resumeHint(filename, pct) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "btn btn--link table__hint";
+      button.dataset.testid = "resume-hint";
+      button.textContent = `Choose “${filename}” again to resume from ${pct}%`;
+      button.addEventListener("click", () => this.chooseFiles());
+      return button;
     }
   }
 
@@ -1088,16 +1243,21 @@
   // ------------------------------------------------------------ page wiring
 
   let announceTimer = null;
+  const pendingAnnouncements = [];
 
-  /** Tell screen-reader users about milestones (done, failed). */
+  /** Tell screen-reader users about milestones (done, failed, paused…). */
   function announce(message) {
     const region = document.getElementById("upload-announcer");
     if (!region) return;
+    // Several files can finish together: collect what arrives meanwhile and
+    // read it in one go, rather than letting the last message replace the rest.
+    pendingAnnouncements.push(message);
+    if (announceTimer !== null) return;
     // Clear first so the same message twice in a row is read twice.
     region.textContent = "";
-    clearTimeout(announceTimer);
     announceTimer = setTimeout(() => {
-      region.textContent = message;
+      announceTimer = null;
+      region.textContent = pendingAnnouncements.splice(0).join(" ");
     }, 100);
   }
 
@@ -1141,6 +1301,10 @@
     recent = new RecentUploads(
       document.getElementById("recent-uploads-body"),
       document.getElementById("recent-status"),
+      {
+        chooseFiles: () => input.click(),
+        isQueued: (name, size) => queue.has(name, size),
+      },
     );
 
     // Show the limit in the same binary units as the rows.
@@ -1191,6 +1355,9 @@
         event.dataTransfer.dropEffect = "none";
       });
     }
+
+    window.addEventListener("offline", () => queue.goOffline());
+    window.addEventListener("online", () => queue.backOnline());
 
     window.addEventListener("beforeunload", (event) => {
       if (!queue.busy) return;
