@@ -66,6 +66,7 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     # Before CSRF, authentication and routing: they must see the overriding method.
     "uploads.middleware.MethodOverrideMiddleware",
+    "uploads.middleware.TestHooksMiddleware",  # removes itself unless UPLOADS_TEST_HOOKS
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -242,9 +243,12 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Upload engine (defaults in uploads/conf.py; README lists them) -------------------------------
-_UPLOADS_INT = ["MAX_SIZE", "CHUNK_SIZE", "EXPIRY", "BLOCK_SIZE", "COMMIT_BYTES", "MAX_ACTIVE_PER_USER"]
+_UPLOADS_INT = [
+    "MAX_SIZE", "CHUNK_SIZE", "EXPIRY", "BLOCK_SIZE", "COMMIT_BYTES", "MAX_ACTIVE_PER_USER",
+    "MAX_RESERVED_PER_USER", "MIN_FREE_SPACE",
+]
 _UPLOADS_FLOAT = ["COMMIT_INTERVAL", "LOCK_TIMEOUT", "BODY_TIMEOUT"]
-_UPLOADS_BOOL = ["FSYNC"]
+_UPLOADS_BOOL = ["FSYNC", "TEST_HOOKS"]
 for _name in _UPLOADS_INT + _UPLOADS_FLOAT + _UPLOADS_BOOL:
     _raw = os.environ.get(f"UPLOADS_{_name}")
     if _raw is None or _raw == "":
@@ -255,6 +259,8 @@ for _name in _UPLOADS_INT + _UPLOADS_FLOAT + _UPLOADS_BOOL:
         globals()[f"UPLOADS_{_name}"] = float(_raw)
     else:
         globals()[f"UPLOADS_{_name}"] = env_bool(f"UPLOADS_{_name}", True)
+# Test-only (uploads/faults.py): with UPLOADS_TEST_HOOKS, kill the worker at this crash point.
+UPLOADS_CRASH_POINT = os.environ.get("UPLOADS_CRASH_POINT") or ""
 
 LOGGING = {
     "version": 1,

@@ -121,3 +121,21 @@ def test_checks_are_registered_with_django(settings):
     # So `manage.py check` and every server start run them.
     settings.UPLOADS_BLOCK_SIZE = 0
     assert "uploads.E003" in ids(checks.run_checks())
+
+
+@pytest.mark.parametrize("name", ["UPLOADS_MAX_RESERVED_PER_USER", "UPLOADS_MIN_FREE_SPACE"])
+@pytest.mark.parametrize("value", [-1, "1", 1.5, True, None])
+def test_reservation_limits_are_byte_counts(settings, name, value):
+    setattr(settings, name, value)
+    assert ids(check_settings()) == ["uploads.E011"]
+
+
+@pytest.mark.parametrize("name", ["UPLOADS_MAX_RESERVED_PER_USER", "UPLOADS_MIN_FREE_SPACE"])
+def test_reservation_limits_accept_zero(settings, name):
+    setattr(settings, name, 0)
+    assert check_settings() == []
+
+
+def test_test_hooks_are_flagged(settings):
+    settings.UPLOADS_TEST_HOOKS = True
+    assert ids(check_settings()) == ["uploads.W002"]

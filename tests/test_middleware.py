@@ -1,6 +1,8 @@
 """X-HTTP-Method-Override (TUS.md L1): a POST that names another method is handled as that method."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from django.http import HttpRequest, HttpResponse
 from django.test import RequestFactory
@@ -90,3 +92,26 @@ def test_post_without_override_to_a_rest_upload_is_not_a_delete(api):
 
     assert response.status_code == 405
     assert UploadSession.objects.filter(pk=upload_id).exists()
+
+
+@pytest.mark.django_db
+def test_worker_pid_header_only_with_test_hooks(settings):
+    """X-Worker-Pid tells a fault test which worker to kill; without the hooks it is not sent."""
+    from django.test import Client
+
+    assert "X-Worker-Pid" not in Client().get("/accounts/login/").headers
+    settings.UPLOADS_TEST_HOOKS = True
+    response = Client().get("/accounts/login/")  # a new client loads the middleware afresh
+    assert response.headers["X-Worker-Pid"] == str(os.getpid())
+
+
+def test_crash_points_are_off_without_the_hooks(settings):
+    """Off, `crash_point` is a function that does nothing; on, a bad point name fails loudly."""
+    from uploads import faults
+
+    assert faults.crash_point is faults._nothing or faults.crash_point.name == ""
+    for point in faults.POINTS:
+        faults._nothing(point)
+    with pytest.raises(ValueError, match="names no crash point"):
+        faults._Crasher("nowhere")
+    assert faults._Crasher("mid_body@3").remaining == 3

@@ -1297,3 +1297,40 @@ def test_receive_file_records_a_whole_file_as_a_new_upload(user):
     assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
     empty = services.upload_receive_file(owner=user, filename="e", stream=io.BytesIO(b""), size=0)
     assert empty.status == Status.COMPLETE
+
+
+# --- Reservations at creation (RELIABILITY D2, H1) ------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_user_may_claim_only_so_many_unreceived_bytes(settings, user, other_user):
+    settings.UPLOADS_MAX_RESERVED_PER_USER = 1000
+    first = create_tus(user, 600)
+    append(first, source(600), 0, 200)  # 400 still claimed
+    create_tus(user, 600)  # 1000 claimed: at the limit
+    before = UploadSession.objects.count()
+    with pytest.raises(services.QuotaExceeded) as caught:
+        services.upload_create(owner=user, filename="more.bin", size=1)
+    assert caught.value.status_code == 413 and "limit of 1000" in caught.value.detail
+    assert UploadSession.objects.count() == before
+    create_tus(other_user, 1000)  # per user
+    create_tus(user, None)  # a deferred size claims nothing yet
+
+
+@pytest.mark.django_db
+def test_a_create_that_cannot_fit_on_the_disk_is_507(settings, user, media_root):
+    free = storage.free_space()
+    settings.UPLOADS_MAX_RESERVED_PER_USER = 0
+    settings.UPLOADS_MAX_SIZE = free
+    settings.UPLOADS_MIN_FREE_SPACE = free  # nothing more may be claimed
+    with pytest.raises(StorageFull) as caught:
+        services.upload_create(owner=user, filename="big.bin", size=1)
+    assert caught.value.status_code == 507
+    assert not UploadSession.objects.exists()
+    assert list(storage.partial_dir().iterdir()) == []
+    settings.UPLOADS_MIN_FREE_SPACE = 0
+    upload = create_tus(user, free // 2)
+    with pytest.raises(StorageFull):  # claims count, not only bytes already written
+        create_tus(user, free // 2 + 1)
+    services.upload_delete(upload=upload)
+    create_tus(user, free // 2 + 1)

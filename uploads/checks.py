@@ -41,6 +41,14 @@ def check_settings(app_configs=None, **kwargs) -> list:
     errors.extend(_check_progress_cache())
     if conf.STORAGE not in settings.STORAGES:
         errors.append(Error(f"UPLOADS_STORAGE {conf.STORAGE!r} is not a key of STORAGES.", id="uploads.E010"))
+    if conf.TEST_HOOKS:
+        errors.append(
+            Warning("UPLOADS_TEST_HOOKS is on: crash points may kill workers. Never in production.", id="uploads.W002")
+        )
+    for name, value in (("UPLOADS_MAX_RESERVED_PER_USER", conf.MAX_RESERVED_PER_USER),
+                        ("UPLOADS_MIN_FREE_SPACE", conf.MIN_FREE_SPACE)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            errors.append(Error(f"{name} must be 0 or a positive integer (bytes).", id="uploads.E011"))
     if not settings.DEBUG and getattr(settings, "INSECURE_DEFAULT_SECRET_KEY", None) == settings.SECRET_KEY:
         errors.append(Warning("SECRET_KEY is the built-in development key; set SECRET_KEY.", id="uploads.W001"))
     return errors

@@ -66,6 +66,23 @@ class Settings:
         return getattr(settings, "UPLOADS_MAX_ACTIVE_PER_USER", 100)
 
     @property
+    def MAX_RESERVED_PER_USER(self) -> int:
+        """Bytes one user's unfinished uploads may still claim (declared size minus received, summed;
+        0: no limit); a create past it gets 413."""
+        return getattr(settings, "UPLOADS_MAX_RESERVED_PER_USER", 100 * GiB)
+
+    @property
+    def MIN_FREE_SPACE(self) -> int:
+        """Bytes to keep free on the partial files' disk after every unfinished upload's remaining
+        bytes are counted; a create that would cut into it gets 507 (RELIABILITY D2)."""
+        return getattr(settings, "UPLOADS_MIN_FREE_SPACE", 256 * MiB)
+
+    @property
+    def TEST_HOOKS(self) -> bool:
+        """Test-only crash points and the X-Worker-Pid header (uploads/faults.py); never in production."""
+        return getattr(settings, "UPLOADS_TEST_HOOKS", False)
+
+    @property
     def PROGRESS_CACHE(self) -> str:
         """Cache alias holding running totals; must not share a Redis database with `default`."""
         return getattr(settings, "UPLOADS_PROGRESS_CACHE", "uploads")

@@ -108,6 +108,11 @@ class TooLarge(UploadError):
     default_code = "too_large"
 
 
+class QuotaExceeded(TooLarge):
+    default_detail = "Your unfinished uploads already claim too many bytes; finish or cancel some first."
+    default_code = "quota_exceeded"
+
+
 class UnsupportedMediaType(UploadError):
     status_code = 415
     default_detail = "Chunks must be sent as application/octet-stream."

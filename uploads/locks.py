@@ -120,6 +120,21 @@ def upload_lock(upload_id: uuid.UUID, timeout: float | None = None, *, ask_relea
         yield
 
 
+# One key for every creation: its advisory lock serialises the free-space check across users.
+_CREATION_KEY = int.from_bytes(b"uploads+", "big", signed=True)  # 8 bytes: a bigint
+
+
+def creation_lock() -> None:
+    """Serialise creations until the caller's transaction ends (the free-space reservation).
+
+    PostgreSQL: a transaction-level advisory lock. SQLite serialises every write transaction
+    already (BEGIN IMMEDIATE), so there is nothing to do.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CREATION_KEY])
+
+
 def release_on_request(upload_id: uuid.UUID, interrupt: Callable[[], None] | None):
     """Call `interrupt` (once, from the watcher thread) if another request asks for the upload
     while the block runs. Wrap only the body-reading loop: after it, the holder ends on its own."""

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from .exceptions import UploadNotFound
@@ -74,3 +74,11 @@ def upload_ids_partial(ids: list[uuid.UUID]) -> set[uuid.UUID]:
     return set(
         UploadSession.objects.filter(pk__in=ids, status=Status.PARTIAL).values_list("pk", flat=True)
     )
+
+
+def upload_bytes_claimed(*, user: AbstractBaseUser | None = None) -> int:
+    """Bytes that unfinished uploads (of `user`, or everyone's) have yet to receive."""
+    queryset = UploadSession.objects.filter(status=Status.PARTIAL, size__isnull=False)
+    if user is not None:
+        queryset = queryset.filter(owner=user)
+    return queryset.aggregate(claimed=Sum(F("size") - F("offset")))["claimed"] or 0

@@ -34,6 +34,7 @@ from .exceptions import (
     IncompleteBody,
     InvalidRequest,
     OffsetMismatch,
+    QuotaExceeded,
     StorageFailure,
     StorageFull,
     TooLarge,
@@ -44,6 +45,7 @@ from .exceptions import (
     UploadGone,
     UploadReleased,
 )
+from .faults import crash_point
 from .models import Protocol, Status, UploadSession
 from .validation import BIGINT_MAX, ChunkDigest, clean_filename, parse_checksum
 
@@ -135,6 +137,8 @@ def _insert(*, owner: AbstractBaseUser, size: int | None, **fields: object) -> U
         raise TooManyUploads(
             f"You have {conf.MAX_ACTIVE_PER_USER} unfinished uploads; finish or cancel some first."
         )
+    if size:
+        _reserve(owner, size)
     now = timezone.now()
     upload = UploadSession(
         id=uuid.uuid4(), owner=owner, size=size, created_at=now, updated_at=now,
@@ -154,6 +158,32 @@ def _insert(*, owner: AbstractBaseUser, size: int | None, **fields: object) -> U
         raise UploadConflict("Another request is creating this upload; retry.") from exc
     transaction.on_commit(lambda: progress.record(upload, 0))
     return upload
+
+
+def _reserve(owner: AbstractBaseUser, size: int) -> None:
+    """Refuse a new upload whose bytes could not all be stored (RELIABILITY D2, H1).
+
+    Every unfinished upload claims the bytes it has yet to receive. A user may claim at most
+    UPLOADS_MAX_RESERVED_PER_USER (checked under the owner lock), and all claims together must
+    leave UPLOADS_MIN_FREE_SPACE free on the disk (checked under a lock all creates share), so
+    parallel uploads cannot each start and then all stall on a full disk. A deferred size claims
+    nothing until it is declared; a full disk mid-chunk is still refused cleanly (507).
+    """
+    if conf.MAX_RESERVED_PER_USER:
+        claimed = selectors.upload_bytes_claimed(user=owner)
+        if claimed + size > conf.MAX_RESERVED_PER_USER:
+            raise QuotaExceeded(
+                f"Your unfinished uploads still need {claimed} bytes; with {size} more that would pass "
+                f"your limit of {conf.MAX_RESERVED_PER_USER}. Finish or cancel some first."
+            )
+    locks.creation_lock()
+    free = storage.free_space()
+    claimed = selectors.upload_bytes_claimed()
+    if claimed + size + conf.MIN_FREE_SPACE > free:
+        raise StorageFull(
+            f"The server has {free} bytes free and unfinished uploads still need {claimed}; "
+            f"there is no room for {size} more. Retry later."
+        )
 
 
 def _resumable(*, owner: AbstractBaseUser, filename: str, size: int, checksum: str) -> UploadSession | None:
@@ -229,6 +259,7 @@ class _Append:
         if self.writer.position == self.committed:
             return
         self.writer.sync()
+        crash_point("after_fsync")
         _commit_offset(self.upload, old=self.committed, new=self.writer.position)
         self.committed = self.writer.position
         self.last_commit_at = time.monotonic()
@@ -291,6 +322,7 @@ def upload_append(
         except DataLost as exc:
             _fail(upload, exc.detail)
             raise
+    crash_point("before_response")
     return upload
 
 
@@ -363,6 +395,7 @@ def _write(
         start = upload.offset
         end = start + length if length is not None else limit
         state = _Append(upload=upload, writer=writer, committed=start)
+        crash_point("before_write")
         try:
             with locks.release_on_request(upload.pk, getattr(stream, "interrupt", None)):
                 while writer.position < end:
@@ -370,6 +403,7 @@ def _write(
                     if not block:
                         break
                     writer.write(block)
+                    crash_point("mid_body")
                     if hasher is not None:
                         hasher.update(block)
                     elif writer.position < end and state.due():
@@ -400,6 +434,7 @@ def _write(
                 f"The body ended after {writer.position - start} of {length} bytes.",
                 offset=state.committed,
             )
+        crash_point("after_write")
         if hasher is not None and not hmac.compare_digest(hasher.digest(), digest.expected):
             writer.truncate(state.committed)
             raise ChecksumMismatch(
@@ -450,8 +485,10 @@ def _commit_offset(upload: UploadSession, *, old: int, new: int) -> None:
     )
     if updated != 1:
         _raise_fenced(upload)
+    crash_point("after_commit")
     # Redis only after the commit: at once in autocommit, or when an enclosing transaction commits.
     transaction.on_commit(lambda: progress.record(upload, new))
+    crash_point("after_redis")
     upload.offset, upload.updated_at, upload.expires_at = new, now, expires_at
 
 
@@ -537,7 +574,9 @@ def _finalize(upload: UploadSession) -> None:
             "The file's SHA-256 does not match the declared checksum; the upload failed.",
             status=Status.FAILED,
         )
+    crash_point("finalize_before_rename")
     name = storage.publish(upload.pk, upload.filename)
+    crash_point("finalize_after_rename")
     now = timezone.now()
     with transaction.atomic():
         updated = UploadSession.objects.filter(
@@ -553,6 +592,7 @@ def _finalize(upload: UploadSession) -> None:
         if updated != 1:
             _raise_fenced(upload)
         transaction.on_commit(lambda: progress.record(upload, upload.size))
+    crash_point("finalize_after_commit")
     upload.refresh_from_db()
     logger.info("upload %s complete: %s (%d bytes)", upload.pk, upload.filename, upload.size)
 

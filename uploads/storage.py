@@ -81,6 +81,14 @@ def create_partial(upload_id: uuid.UUID) -> None:
         _raise_storage_error(exc)
 
 
+def free_space() -> int:
+    """Bytes free (for this process) on the file system holding the partial files."""
+    directory = partial_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
 def partial_size(upload_id: uuid.UUID) -> int | None:
     try:
         return os.stat(partial_path(upload_id), follow_symlinks=False).st_size
