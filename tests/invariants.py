@@ -1,13 +1,16 @@
 """The invariants every scenario must leave behind (RELIABILITY.md §3), in one place.
 
-`assert_invariants(upload, source_bytes, acked=...)` checks INV1, INV2, INV3 and INV5 against the
-real database, the real files under MEDIA_ROOT and the real Redis. It reads Redis *before* the
+`assert_invariants(upload, source_bytes, acked=...)` checks INV1, INV2, INV3, INV5 and INV6 against
+the real database, the real files under MEDIA_ROOT and the real Redis. `OffsetLog` checks INV4 on
+the client's side. INV7 (one writer) and INV8 (no 500 on hostile input) are properties of whole
+scenarios: the racing-writer and fuzzing tests assert them. It reads Redis *before* the
 database, as the invariant sampler does: Redis may trail the database, never lead it, so reading
 them in this order can only make a violation visible, never hide one.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from django.conf import settings
@@ -77,4 +80,39 @@ def assert_invariants(
     if row.offset == row.size and row.status == Status.PARTIAL:
         # Only legal between the last commit and finalize (a crash there); the next request finishes.
         assert not reconciled, "all bytes are committed but the upload was never finalized"
+    assert_contained(Path(settings.MEDIA_ROOT))
     return row
+
+
+class OffsetLog:
+    """INV4: the offsets one client was shown never decrease. Record each one as it is seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def saw(self, offset: int | str) -> int:
+        offset = int(offset)
+        assert not self.seen or offset >= self.seen[-1], f"offset went back from {self.seen[-1]} to {offset}"
+        self.seen.append(offset)
+        return offset
+
+    @property
+    def acked(self) -> int:
+        return max(self.seen, default=0)
+
+
+def assert_contained(media_root: Path) -> None:
+    """INV6: every file the app made under MEDIA_ROOT has a name the server chose: a partial file,
+    lock or release request in the partial directory, or `uploads/<id>/<id>[.ext]`; nothing else,
+    and nothing named from user input."""
+    media_root = Path(media_root)
+    for path in media_root.rglob("*"):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(media_root).parts
+        if relative[0] == storage.partial_dir().name:
+            assert len(relative) == 2 and re.fullmatch(r"[0-9a-f]{32}\.(part|lock|release)", relative[1]), path
+        else:
+            assert relative[0] == "uploads" and len(relative) == 3, path
+            assert re.fullmatch(r"[0-9a-f]{32}", relative[1]), path
+            assert re.fullmatch(rf"{relative[1]}(\.[a-z0-9]{{1,16}})?", relative[2]), path
