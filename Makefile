@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Tests flush their Redis databases, so they get their own numbers (14, and 15 for the totals).
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
 
-.PHONY: install run test test-postgres lint bench screenshots clean
+.PHONY: install run test test-postgres lint bench chaos screenshots clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ lint: install
 
 bench: install
 	$(PY) bench/upload_speed.py
+
+# Load with chaos (RELIABILITY.md M1/M2), not part of `make test`: 200 concurrent uploads over REST and tus
+# on PostgreSQL + its own Redis + gunicorn, a worker SIGKILLed every 10 s, Redis restarted every 30 s.
+# Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and redis-server; e.g. CHAOS_ARGS="--json bench/out/chaos.json".
+chaos: install
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles

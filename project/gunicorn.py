@@ -15,3 +15,6 @@ timeout = 120
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
+# gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), which
+# every instance on the machine would share and clobber; this project does not use it.
+control_socket_disable = True

@@ -256,3 +256,25 @@ def test_body_stream_ignores_a_socket_entry_that_is_not_a_socket():
     stream = body_stream(request)
     stream.interrupt()  # nothing to shut down, and no error
     assert stream.read(3) == b""
+
+
+def test_an_interruption_after_the_whole_body_was_read_changes_nothing():
+    """The request ends on its own; shutting the socket then would break the kept-alive
+    connection for the client's next request (found by the chaos run)."""
+    import socket as socket_module
+
+    server, client = socket_module.socketpair()
+    with server, client:
+        stream = BodyStream(io.BytesIO(b"abcdef"), server, length=6)
+        assert stream.read(4) == b"abcd" and stream.read(4) == b"ef"
+        stream.interrupt()
+        assert not stream.interrupted
+        client.sendall(b"next request")
+        assert server.recv(64) == b"next request"  # the read side is still open
+
+
+def test_an_interruption_before_the_end_still_stops_the_body():
+    stream = BodyStream(io.BytesIO(b"abcdef"), None, length=6)
+    assert stream.read(2) == b"ab"
+    stream.interrupt()
+    assert stream.interrupted and stream.read(4) == b""

@@ -6,6 +6,7 @@ and is capped by DATA_UPLOAD_MAX_MEMORY_SIZE); the services read the stream in f
 from __future__ import annotations
 
 import socket
+import threading
 from typing import BinaryIO
 
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
@@ -42,21 +43,35 @@ class BodyStream:
 
     `interrupt()` (from the lock's release watcher thread) makes the next read return b"" and
     shuts the socket's read side down, which wakes a read blocked on a half-open connection. The
-    response can still be written.
+    response can still be written. Once the whole body has been read, an interruption changes
+    nothing: the request ends on its own, and the kept-alive connection must stay readable for
+    the client's next request.
     """
 
-    def __init__(self, source: BinaryIO, sock: socket.socket | None) -> None:
+    def __init__(self, source: BinaryIO, sock: socket.socket | None, length: int | None = None) -> None:
         self._source = source
         self._sock = sock
+        self._remaining = length  # None: until the source ends (a body framed by the server)
+        self._finished = False
+        self._mutex = threading.Lock()
         self.interrupted = False
 
     def read(self, size: int) -> bytes:
         if self.interrupted:
             return b""
-        return self._source.read(size)
+        block = self._source.read(size)
+        with self._mutex:
+            if self._remaining is not None:
+                self._remaining -= len(block)
+            if not block or self._remaining == 0:
+                self._finished = True
+        return block
 
     def interrupt(self) -> None:
-        self.interrupted = True
+        with self._mutex:
+            if self._finished:
+                return
+            self.interrupted = True
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RD)
@@ -85,7 +100,12 @@ def body_stream(request: HttpRequest, *, unframed: bool = False) -> BodyStream:
         sock.settimeout(conf.BODY_TIMEOUT)
     # Django's own request (under DRF's wrapper) reads from a stream limited to Content-Length.
     source = request.META["wsgi.input"] if unframed else django_request
-    return BodyStream(source, sock)
+    return BodyStream(source, sock, None if unframed else _declared_length(request))
+
+
+def _declared_length(request: HttpRequest) -> int | None:
+    raw = request.META.get("CONTENT_LENGTH")
+    return int(raw) if raw and raw.isdigit() else None
 
 
 class FileSizeLimit(FileUploadHandler):
