@@ -188,11 +188,8 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = True  # serve app static files without collectstatic in development
 # Multipart files (the page's form without JavaScript, the admin) go to a temporary file on disk,
-# however small, and none may pass UPLOADS_MAX_SIZE.
-FILE_UPLOAD_HANDLERS = [
-    "uploads.http.FileSizeLimit",
-    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
-]
+# however small; none may pass UPLOADS_MAX_SIZE; a full temporary disk is a clean 507.
+FILE_UPLOAD_HANDLERS = ["uploads.http.DiskUploadHandler"]
 FILE_UPLOAD_PERMISSIONS = 0o640
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o750
 

@@ -82,10 +82,9 @@ def _file(name: str, data: bytes):
 
 def test_form_upload_streams_files_to_disk_and_records_them(user, media_root):
     from django.contrib.messages import get_messages
-    from django.core.files.uploadhandler import TemporaryFileUploadHandler
     from django.test import Client
 
-    from uploads.http import FileSizeLimit
+    from uploads.http import DiskUploadHandler
     from uploads.models import Status, UploadSession
 
     from .invariants import assert_invariants
@@ -98,7 +97,7 @@ def test_form_upload_streams_files_to_disk_and_records_them(user, media_root):
     )
     assert response.status_code == 303 and response["Location"] == "/"
     # Every file goes to a temporary file on disk, however small: none is held in memory.
-    assert [type(h) for h in response.wsgi_request.upload_handlers] == [FileSizeLimit, TemporaryFileUploadHandler]
+    assert [type(h) for h in response.wsgi_request.upload_handlers] == [DiskUploadHandler]
     for name, data in [("big.bin", big), ("small.txt", small), ("e", empty)]:
         row = UploadSession.objects.get(filename=name)
         assert row.owner == user and row.protocol == "form" and row.status == Status.COMPLETE

@@ -5,16 +5,18 @@ and is capped by DATA_UPLOAD_MAX_MEMORY_SIZE); the services read the stream in f
 """
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from typing import BinaryIO
 
-from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.http import FileResponse, HttpRequest
+from django.template.defaultfilters import filesizeformat
 
 from . import storage
 from .conf import conf
-from .exceptions import LengthRequired
+from .exceptions import LengthRequired, StorageFailure, StorageFull, TooLarge, UploadError
 from .models import UploadSession
 from .validation import parse_non_negative_int
 
@@ -108,30 +110,47 @@ def _declared_length(request: HttpRequest) -> int | None:
     return int(raw) if raw and raw.isdigit() else None
 
 
-class FileSizeLimit(FileUploadHandler):
-    """Stops storing a multipart upload as soon as one file passes UPLOADS_MAX_SIZE.
+class DiskUploadHandler(TemporaryFileUploadHandler):
+    """Multipart files (the page's form without JavaScript) for settings.FILE_UPLOAD_HANDLERS.
 
-    First in settings.FILE_UPLOAD_HANDLERS, before Django's TemporaryFileUploadHandler (which
-    streams each file to a temporary file on disk, so a form upload never sits in memory): an
-    oversized file is not written past the limit. The rest of the body is read and dropped, so
-    the browser gets the error page rather than a reset connection. `too_large` names the file.
+    Every file goes to a temporary file on disk, however small (never memory); none may pass
+    UPLOADS_MAX_SIZE; and a full temporary disk is a clean refusal rather than an exception in
+    the middle of CSRF's form parsing (a 500). On refusal the file so far is deleted, the rest of
+    the body is read and dropped (so the browser sees the error page, not a reset connection),
+    and `refused` holds the error for the view to show.
     """
 
-    too_large: str | None = None
+    refused: UploadError | None = None
 
-    def new_file(self, field_name, file_name, *args, **kwargs) -> None:
-        super().new_file(field_name, file_name, *args, **kwargs)
+    def new_file(self, *args, **kwargs) -> None:
+        try:
+            super().new_file(*args, **kwargs)
+        except OSError as exc:
+            self._refuse(_disk_error(exc))
         self._received = 0
 
-    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
         self._received += len(raw_data)
         if self._received > conf.MAX_SIZE:
-            self.too_large = self.file_name
-            raise StopUpload(connection_reset=False)
-        return raw_data  # on to the next handler, which writes it to disk
+            self._refuse(TooLarge(
+                f"“{self.file_name}” is larger than the limit of {filesizeformat(conf.MAX_SIZE)} per file; "
+                "nothing was stored."
+            ))
+        try:
+            super().receive_data_chunk(raw_data, start)
+        except OSError as exc:
+            self._refuse(_disk_error(exc))
 
-    def file_complete(self, file_size: int) -> None:
-        return None  # the next handler makes the file
+    def _refuse(self, error: UploadError) -> None:
+        self.refused = error
+        self.upload_interrupted()  # closes and deletes this file's temporary file
+        raise StopUpload(connection_reset=False)
+
+
+def _disk_error(exc: OSError) -> UploadError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("The server has no room to receive this file right now; nothing was stored. Retry later.")
+    return StorageFailure("The server could not receive this file; nothing was stored. Retry later.")
 
 
 def download_response(upload: UploadSession) -> FileResponse:

@@ -104,6 +104,11 @@ def _file_lock(upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], N
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def uses_lock_files() -> bool:
+    """Whether upload locks are `flock`s on lock files (anything but PostgreSQL)."""
+    return connection.vendor != "postgresql"
+
+
 @contextmanager
 def upload_lock(upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True) -> Iterator[None]:
     """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting.
@@ -112,7 +117,7 @@ def upload_lock(upload_id: uuid.UUID, timeout: float | None = None, *, ask_relea
     which must never interrupt a client).
     """
     timeout = conf.LOCK_TIMEOUT if timeout is None else timeout
-    lock = _advisory_lock if connection.vendor == "postgresql" else _file_lock
+    lock = _file_lock if uses_lock_files() else _advisory_lock
     asker = (lambda: storage.request_release(upload_id)) if ask_release else None
     with lock(upload_id, timeout, asker):
         # Any request made before we got the lock was aimed at the previous holder: answered.

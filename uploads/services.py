@@ -148,7 +148,7 @@ def _insert(*, owner: AbstractBaseUser, size: int | None, **fields: object) -> U
         _create_empty(upload)
         return upload
     # The file exists durably before the row that points to it (RELIABILITY.md §3).
-    storage.create_partial(upload.id)
+    storage.create_partial(upload.id, lock_file=locks.uses_lock_files())
     try:
         with transaction.atomic():
             upload.save(force_insert=True)

@@ -59,11 +59,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_partial(upload_id: uuid.UUID) -> None:
-    """Create the empty partial file durably (file and directory entry) before the row exists."""
+def create_partial(upload_id: uuid.UUID, *, lock_file: bool = False) -> None:
+    """Create the empty partial file durably (file and directory entry) before the row exists.
+
+    `lock_file`: create the upload's lock file now too (where locks are files, see locks.py), so
+    that a later request (a DELETE on a disk out of inodes, say) never needs a new inode to lock.
+    """
     directory = partial_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if lock_file:
+            os.close(open_lock_file(upload_id))
         # O_EXCL|O_NOFOLLOW: never reuse or follow something planted at this name (RELIABILITY I7).
         fd = os.open(
             partial_path(upload_id),
@@ -77,15 +83,21 @@ def create_partial(upload_id: uuid.UUID) -> None:
             os.close(fd)
         if conf.FSYNC:
             _fsync_dir(directory)
-    except OSError as exc:
-        _raise_storage_error(exc)
+    except (OSError, StorageFull, StorageFailure) as exc:
+        lock_path(upload_id).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _raise_storage_error(exc)
+        raise
 
 
 def free_space() -> int:
     """Bytes free (for this process) on the file system holding the partial files."""
     directory = partial_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    stats = os.statvfs(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        _raise_storage_error(exc)
     return stats.f_bavail * stats.f_frsize
 
 
@@ -234,6 +246,12 @@ def publish(upload_id: uuid.UUID, filename: str) -> str:
         with _PartialFile(open(source, "rb"), name=str(source)) as content:
             saved = storage.save(name, content)
     except OSError as exc:
+        # A copy that failed half-way (another file system, a full disk) must not stay at the
+        # final name: nothing half-written is ever reachable there (RELIABILITY A3, D3).
+        try:
+            storage.delete(name)
+        except OSError:
+            pass
         _raise_storage_error(exc)
     if source.exists():  # backends that copy rather than move
         source.unlink()
@@ -288,9 +306,13 @@ def lock_path(upload_id: uuid.UUID) -> Path:
 
 
 def open_lock_file(upload_id: uuid.UUID) -> int:
-    """An fd on the upload's lock file, for `flock` (see locks.py)."""
-    partial_dir().mkdir(parents=True, exist_ok=True)
-    return os.open(lock_path(upload_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    """An fd on the upload's lock file, for `flock` (see locks.py). Out of space or inodes is a
+    StorageFull (507), so even a DELETE that would free space says why rather than failing."""
+    try:
+        partial_dir().mkdir(parents=True, exist_ok=True)
+        return os.open(lock_path(upload_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        _raise_storage_error(exc)
 
 
 def release_path(upload_id: uuid.UUID) -> Path:

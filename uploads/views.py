@@ -20,7 +20,7 @@ from django.views.generic import TemplateView
 from uploads import services
 from uploads.conf import conf
 from uploads.exceptions import UploadError
-from uploads.http import FileSizeLimit
+from uploads.http import DiskUploadHandler
 
 PAGE_TEMPLATE = "uploads/index.html"
 
@@ -46,16 +46,12 @@ class UploadPageView(LoginRequiredMixin, TemplateView):
 @login_required
 @require_POST
 def upload_form(request: HttpRequest) -> HttpResponse:
-    """The form's files, already on disk: settings.FILE_UPLOAD_HANDLERS streams every multipart
-    file to a temporary file (never memory) and stops any file past UPLOADS_MAX_SIZE."""
+    """The form's files, already on disk: settings.FILE_UPLOAD_HANDLERS (DiskUploadHandler) streams
+    every multipart file to a temporary file (never memory) and stops any past UPLOADS_MAX_SIZE."""
     files = request.FILES.getlist("file")
-    too_large = next((h.too_large for h in request.upload_handlers if isinstance(h, FileSizeLimit)), None)
-    if too_large is not None:
-        return _form_error(
-            request,
-            f"“{too_large}” is larger than the limit of {filesizeformat(conf.MAX_SIZE)} per file; nothing was stored.",
-            status=413,
-        )
+    refused = next((h.refused for h in request.upload_handlers if isinstance(h, DiskUploadHandler)), None)
+    if refused is not None:
+        return _form_error(request, refused.detail, status=refused.status_code)
     if not files:
         return _form_error(request, "Choose at least one file to upload.", status=400)
     for file in files:
