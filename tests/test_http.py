@@ -278,3 +278,29 @@ def test_an_interruption_before_the_end_still_stops_the_body():
     assert stream.read(2) == b"ab"
     stream.interrupt()
     assert stream.interrupted and stream.read(4) == b""
+
+
+def test_a_trickling_body_is_stalled_and_can_be_cut(settings):
+    """RELIABILITY H5: one byte now and then never trips a per-read socket timeout, but a piece of
+    the body taking longer than UPLOADS_BODY_TIMEOUT counts as stalled; cutting it ends the read
+    with what arrived."""
+    import socket as socket_module
+    import threading
+    import time
+
+    settings.UPLOADS_BODY_TIMEOUT = 0.3
+    server, client = socket_module.socketpair()
+    with server, client:
+        stream = BodyStream(server.makefile("rb"), server, length=100)
+        result = []
+        reader = threading.Thread(target=lambda: result.append(stream.read(100)))
+        reader.start()
+        client.sendall(b"x")
+        time.sleep(0.1)
+        assert not stream.stalled()
+        time.sleep(0.4)
+        assert stream.stalled()
+        stream.cut()
+        reader.join(2)
+        assert not reader.is_alive() and result == [b"x"]
+        assert stream.cut_off and not stream.interrupted

@@ -317,10 +317,12 @@ def test_publish_without_any_data_is_data_lost(upload_id):
         storage.publish(upload_id, "a.txt")
 
 
-def test_publish_removes_the_lock_file(partial, upload_id):
+def test_publish_keeps_the_lock_file_its_holder_still_locks(partial, upload_id):
+    """The finishing request still holds the flock when it publishes: unlinking the file then would
+    let the next request lock a fresh file and get in beside it. Cleanup removes it later."""
     os.close(storage.open_lock_file(upload_id))
     storage.publish(upload_id, "a.txt")
-    assert not storage.lock_path(upload_id).exists()
+    assert storage.lock_path(upload_id).exists()
 
 
 def test_create_empty_final(media_root, upload_id):

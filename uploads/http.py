@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+import time
 from typing import BinaryIO
 
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
@@ -40,6 +41,11 @@ def content_length(request: HttpRequest, *, allow_unframed: bool = False) -> int
     return parse_non_negative_int(raw, "Content-Length")
 
 
+# The body is read from the server in pieces of this size, so "no progress" is measured per piece:
+# a trickle (1 byte a second) that never lets one read time out is still cut (RELIABILITY H5).
+PIECE = 64 * 1024
+
+
 class BodyStream:
     """The request body, read in blocks by the engine, which another request may interrupt.
 
@@ -47,7 +53,9 @@ class BodyStream:
     shuts the socket's read side down, which wakes a read blocked on a half-open connection. The
     response can still be written. Once the whole body has been read, an interruption changes
     nothing: the request ends on its own, and the kept-alive connection must stay readable for
-    the client's next request.
+    the client's next request. `stalled()` is true when one piece of the body has taken longer
+    than UPLOADS_BODY_TIMEOUT; the watcher then `cut()`s the body the same way, and the engine
+    keeps what arrived (an incomplete body, not a release).
     """
 
     def __init__(self, source: BinaryIO, sock: socket.socket | None, length: int | None = None) -> None:
@@ -55,25 +63,43 @@ class BodyStream:
         self._sock = sock
         self._remaining = length  # None: until the source ends (a body framed by the server)
         self._finished = False
+        self._piece_started: float | None = None
         self._mutex = threading.Lock()
-        self.interrupted = False
+        self.interrupted = False  # by a newer request for the upload
+        self.cut_off = False  # for making no progress
 
     def read(self, size: int) -> bytes:
-        if self.interrupted:
-            return b""
-        block = self._source.read(size)
-        with self._mutex:
-            if self._remaining is not None:
-                self._remaining -= len(block)
-            if not block or self._remaining == 0:
-                self._finished = True
-        return block
+        pieces = []
+        while size > 0 and not (self.interrupted or self.cut_off):
+            self._piece_started = time.monotonic()
+            piece = self._source.read(min(PIECE, size))
+            self._piece_started = None
+            with self._mutex:
+                if self._remaining is not None:
+                    self._remaining -= len(piece)
+                if not piece or self._remaining == 0:
+                    self._finished = True
+            if not piece:
+                break
+            pieces.append(piece)
+            size -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def stalled(self) -> bool:
+        started = self._piece_started
+        return bool(conf.BODY_TIMEOUT) and started is not None and time.monotonic() - started > conf.BODY_TIMEOUT
 
     def interrupt(self) -> None:
+        self._stop("interrupted")
+
+    def cut(self) -> None:
+        self._stop("cut_off")
+
+    def _stop(self, flag: str) -> None:
         with self._mutex:
             if self._finished:
                 return
-            self.interrupted = True
+            setattr(self, flag, True)
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RD)

@@ -140,12 +140,20 @@ def creation_lock() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CREATION_KEY])
 
 
-def release_on_request(upload_id: uuid.UUID, interrupt: Callable[[], None] | None):
+def release_on_request(
+    upload_id: uuid.UUID,
+    interrupt: Callable[[], None] | None,
+    *,
+    stalled: Callable[[], bool] | None = None,
+    cut: Callable[[], None] | None = None,
+):
     """Call `interrupt` (once, from the watcher thread) if another request asks for the upload
-    while the block runs. Wrap only the body-reading loop: after it, the holder ends on its own."""
+    while the block runs; or call `cut` once `stalled()` says the body has made no progress for
+    too long (a trickle that a socket timeout per read never catches, RELIABILITY H5).
+    Wrap only the body-reading loop: after it, the holder ends on its own."""
     if interrupt is None:
         return nullcontext()
-    return _watcher.watching(upload_id, interrupt)
+    return _watcher.watching(upload_id, interrupt, stalled, cut)
 
 
 class _ReleaseWatcher:
@@ -153,15 +161,21 @@ class _ReleaseWatcher:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._watched: dict[object, tuple[uuid.UUID, Callable[[], None]]] = {}
+        self._watched: dict[object, tuple] = {}
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     @contextmanager
-    def watching(self, upload_id: uuid.UUID, interrupt: Callable[[], None]) -> Iterator[None]:
+    def watching(
+        self,
+        upload_id: uuid.UUID,
+        interrupt: Callable[[], None],
+        stalled: Callable[[], bool] | None = None,
+        cut: Callable[[], None] | None = None,
+    ) -> Iterator[None]:
         token = object()
         with self._mutex:
-            self._watched[token] = (upload_id, interrupt)
+            self._watched[token] = (upload_id, interrupt, stalled, cut)
             self._start()
         try:
             yield
@@ -183,13 +197,16 @@ class _ReleaseWatcher:
         while True:
             time.sleep(WATCH_SECONDS)
             with self._mutex:
-                for token, (upload_id, interrupt) in list(self._watched.items()):
+                for token, (upload_id, interrupt, stalled, cut) in list(self._watched.items()):
                     try:
-                        if not storage.release_requested(upload_id):
-                            continue
-                        del self._watched[token]
-                        logger.info("upload %s: a newer request asked this one to stop", upload_id)
-                        interrupt()
+                        if storage.release_requested(upload_id):
+                            del self._watched[token]
+                            logger.info("upload %s: a newer request asked this one to stop", upload_id)
+                            interrupt()
+                        elif stalled is not None and cut is not None and stalled():
+                            del self._watched[token]
+                            logger.info("upload %s: the body made no progress for too long", upload_id)
+                            cut()
                     except Exception:  # noqa: BLE001 - the watcher must outlive any one upload
                         logger.exception("release watcher failed for upload %s", upload_id)
 

@@ -397,7 +397,10 @@ def _write(
         state = _Append(upload=upload, writer=writer, committed=start)
         crash_point("before_write")
         try:
-            with locks.release_on_request(upload.pk, getattr(stream, "interrupt", None)):
+            with locks.release_on_request(
+                upload.pk, getattr(stream, "interrupt", None),
+                stalled=getattr(stream, "stalled", None), cut=getattr(stream, "cut", None),
+            ):
                 while writer.position < end:
                     block = _read(stream, min(conf.BLOCK_SIZE, end - writer.position))
                     if not block:
@@ -420,6 +423,13 @@ def _write(
         if getattr(stream, "interrupted", False) and writer.position < end:
             _keep_or_discard(state, keep=hasher is None)
             raise _interrupted(stream, state, start)
+        if getattr(stream, "cut_off", False) and writer.position < end:
+            _keep_or_discard(state, keep=hasher is None)
+            raise IncompleteBody(
+                f"The body made no progress for {conf.BODY_TIMEOUT:g} s; the request ended after "
+                f"{writer.position - start} bytes.",
+                offset=state.committed,
+            )
         if overflow:
             writer.truncate(state.committed)
             raise TooLarge(

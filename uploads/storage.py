@@ -262,7 +262,8 @@ def publish(upload_id: uuid.UUID, filename: str) -> str:
     if local_path is not None and conf.FSYNC:
         _fsync_dir(local_path.parent)
         _fsync_dir(partial_dir())
-    lock_path(upload_id).unlink(missing_ok=True)
+    # The lock file stays: the finishing request still holds its flock, and a lock file unlinked
+    # under a holder lets the next request lock a new file and get in too. Cleanup removes it.
     release_path(upload_id).unlink(missing_ok=True)
     return saved
 
