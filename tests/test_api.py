@@ -1183,3 +1183,49 @@ def test_get_finishes_an_upload_whose_last_request_died_before_finalizing(api):
     body = api.get(f"/api/uploads/{upload_id}").json()
     assert (body["status"], body["offset"]) == ("complete", len(data))
     assert body["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_parallel_creates_cannot_pass_the_active_cap(settings, user, token):
+    """RELIABILITY H9: 20 creates at once against a cap of 5: exactly 5 are created. The cap is
+    counted under a lock on the user's row, not by a cache throttle."""
+    import threading
+
+    from django.db import connection
+
+    settings.UPLOADS_MAX_ACTIVE_PER_USER = 5
+    barrier, statuses = threading.Barrier(20), []
+
+    def create_one(index: int) -> None:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        barrier.wait(10)
+        statuses.append(client.post("/api/uploads/", {"filename": f"f{index}.bin", "size": 10}, format="json").status_code)
+        connection.close()
+
+    threads = [threading.Thread(target=create_one, args=(index,)) for index in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(statuses) == [201] * 5 + [429] * 15
+    assert UploadSession.objects.filter(owner=user).count() == 5
+
+
+def test_access_revoked_between_chunks_stops_the_upload(api, user):
+    """RELIABILITY K4/K7: a user deactivated (or a token revoked) between chunks is refused at the
+    next chunk (401), and nothing is stored or finished for them."""
+    from rest_framework.authtoken.models import Token
+
+    data = b"x" * 10
+    upload_id = create(api, "revoked.bin", len(data)).json()["id"]
+    assert put_chunk(api, upload_id, data[:5], 0, len(data)).status_code == 200
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    assert put_chunk(api, upload_id, data[5:], 5, len(data)).status_code == 401
+    user.is_active = True
+    user.save(update_fields=["is_active"])
+    Token.objects.filter(user=user).delete()
+    assert put_chunk(api, upload_id, data[5:], 5, len(data)).status_code == 401
+    row = UploadSession.objects.get(pk=upload_id)
+    assert (row.offset, row.status) == (5, "partial")
