@@ -87,7 +87,9 @@ def state(upload_id: str) -> tuple:
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The data files under `root`. Lock files are locking machinery, not data: on SQLite a
+    finished upload's stays (its holder still locks it when it publishes) until cleanup."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 # Reading a streaming response to the end closes it (the test client wraps the iterator); never

@@ -304,3 +304,22 @@ def test_a_trickling_body_is_stalled_and_can_be_cut(settings):
         reader.join(2)
         assert not reader.is_alive() and result == [b"x"]
         assert stream.cut_off and not stream.interrupted
+
+
+def test_a_broken_connection_after_some_pieces_hands_over_what_arrived_first():
+    """Reading a block piece by piece must not lose the pieces read before the connection broke."""
+
+    class Breaks(io.RawIOBase):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def read(self, size: int = -1) -> bytes:
+            self.calls += 1
+            if self.calls == 1:
+                return b"abcd"
+            raise ConnectionResetError("client went away")
+
+    stream = BodyStream(Breaks(), None, length=10)
+    assert stream.read(10) == b"abcd"
+    with pytest.raises(ConnectionResetError):
+        stream.read(6)

@@ -64,16 +64,28 @@ class BodyStream:
         self._remaining = length  # None: until the source ends (a body framed by the server)
         self._finished = False
         self._piece_started: float | None = None
+        self._error: Exception | None = None
         self._mutex = threading.Lock()
         self.interrupted = False  # by a newer request for the upload
         self.cut_off = False  # for making no progress
 
     def read(self, size: int) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         pieces = []
         while size > 0 and not (self.interrupted or self.cut_off):
             self._piece_started = time.monotonic()
-            piece = self._source.read(min(PIECE, size))
-            self._piece_started = None
+            try:
+                piece = self._source.read(min(PIECE, size))
+            except Exception as exc:  # noqa: BLE001 - any server's broken-body error
+                if not pieces:
+                    raise
+                # Hand over what did arrive first; the error comes with the next read.
+                self._error = exc
+                break
+            finally:
+                self._piece_started = None
             with self._mutex:
                 if self._remaining is not None:
                     self._remaining -= len(piece)
