@@ -210,7 +210,11 @@ def test_worker_killed_mid_chunk_then_resume(start_gunicorn, token, media_root):
         for pid in _workers(server):
             os.kill(pid, 9)
         sock.settimeout(5)
-        assert sock.recv(65536) == b"", "no response (so no acknowledgement) after the kill"
+        try:
+            reply = sock.recv(65536)
+        except ConnectionResetError:
+            reply = b""  # the kernel resets a connection closed with unread data: no response either
+        assert reply == b"", "no response (so no acknowledgement) after the kill"
 
     upload = UploadSession.objects.get(pk=created["id"])
     on_disk = storage.partial_size(upload.pk)
