@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Tests flush their Redis databases, so they get their own numbers (14, and 15 for the totals).
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
 
-.PHONY: install run test test-postgres lint bench chaos screenshots clean
+.PHONY: install run test test-postgres lint bench chaos fuzz screenshots clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ bench: install
 # Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and redis-server; e.g. CHAOS_ARGS="--json bench/out/chaos.json".
 chaos: install
 	$(PY) bench/chaos.py $(CHAOS_ARGS)
+
+# The model-based and schema fuzzers with many more, freshly drawn examples than `make test`'s fixed set
+# (RELIABILITY.md Tier 0: 200 examples x 50 steps). DATABASE_URL picks the database, as for `make test`.
+fuzz: install
+	HYPOTHESIS_PROFILE=thorough REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q -s tests/test_model_based.py tests/test_schema_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles

@@ -72,6 +72,9 @@ import requests
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.faults.writelog import overlapping_writers  # noqa: E402 (the project root is on the path first)
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 BLOCK = 1 * MiB  # the data generator's unit: each block of each upload is a distinct slice of the pool
@@ -960,8 +963,10 @@ def main() -> int:
             "UPLOADS_MAX_ACTIVE_PER_USER": "0",
             "UPLOADS_MAX_RESERVED_PER_USER": "0",
             "UPLOADS_MAX_SIZE": str(max(args.size, 1)),
-            "UPLOADS_TEST_HOOKS": "0",
+            # The hooks for the write log only (INV7); no crash point: the nemesis does the killing.
+            "UPLOADS_TEST_HOOKS": "1",
             "UPLOADS_CRASH_POINT": "",
+            "UPLOADS_WRITE_LOG": str(work / "writes.log"),
         }
         env.pop("GUNICORN_CMD_ARGS", None)
         log(f"database {run.db_name}, Redis :{redis_server.port}, MEDIA_ROOT {media}")
@@ -1021,7 +1026,10 @@ def main() -> int:
         completed = [u for u, r in zip(uploads, results) if u.status == "complete" and r["disk_sha_ok"]]
         failed = [u for u, r in zip(uploads, results) if not (u.status == "complete" and r["disk_sha_ok"])]
         bytes_ok = sum(u.size for u in completed)
-        violations = {name: run.stats.violations.get(name, 0) for name in ("INV1", "INV3", "INV4")}
+        writers_checked, overlaps = overlapping_writers(work / "writes.log")
+        for overlap in overlaps:
+            run.stats.violation("INV7", overlap)
+        violations = {name: run.stats.violations.get(name, 0) for name in ("INV1", "INV3", "INV4", "INV7")}
         summary = {
             "config": {
                 "concurrent": args.uploads, "min_seconds": args.min_seconds, "uploads": len(uploads),
@@ -1057,6 +1065,7 @@ def main() -> int:
             "server_responses": count_access_statuses(work / "access.log"),
             "server_log": server_log_problems(work / "gunicorn.log"),
             "invariant_samples": dict(run.samples),
+            "writers_checked": writers_checked,
             "violations": violations,
             "violation_examples": run.stats.violation_examples,
             "bytes_lost": sum(r["lost"] for r in results),
@@ -1141,6 +1150,7 @@ def print_summary(s: dict) -> None:
         ("INV3 violations (Redis > DB)", str(s["violations"]["INV3"])),
         ("INV4 violations (offset went back)", str(s["violations"]["INV4"])),
         ("INV1 violations (ack > DB > file)", str(s["violations"]["INV1"])),
+        ("INV7 violations (two writers at once)", f"{s['violations']['INV7']} in {s['writers_checked']} writers"),
         ("bytes lost", str(s["bytes_lost"])),
         ("corrupt files", str(s["corrupt_files"])),
         ("final files re-hashed on disk", f"{s['disk_sha_verified']} match"),

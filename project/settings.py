@@ -154,6 +154,8 @@ REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 UPLOADS_REDIS_URL = os.environ.get("UPLOADS_REDIS_URL") or redis_url_with_db(
     REDIS_URL, (redis_db_of(REDIS_URL) + 1) % 16
 )
+# Several deployments (or test runs) sharing one Redis keep apart by a prefix on every key.
+CACHE_KEY_PREFIX = os.environ.get("CACHE_KEY_PREFIX") or ""
 _REDIS_OPTIONS = {
     "CLIENT_CLASS": "django_redis.client.DefaultClient",
     # Redis is a cache here: a dead or slow server must cost milliseconds, not a worker.
@@ -164,13 +166,13 @@ CACHES = {
     "default": {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": REDIS_URL,
-        "KEY_PREFIX": "app",
+        "KEY_PREFIX": f"{CACHE_KEY_PREFIX}app",
         "OPTIONS": {**_REDIS_OPTIONS, "IGNORE_EXCEPTIONS": True},
     },
     "uploads": {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": UPLOADS_REDIS_URL,
-        "KEY_PREFIX": "uploads",
+        "KEY_PREFIX": f"{CACHE_KEY_PREFIX}uploads",
         "OPTIONS": dict(_REDIS_OPTIONS),
     },
 }
@@ -258,6 +260,8 @@ for _name in _UPLOADS_INT + _UPLOADS_FLOAT + _UPLOADS_BOOL:
         globals()[f"UPLOADS_{_name}"] = env_bool(f"UPLOADS_{_name}", True)
 # Test-only (uploads/faults.py): with UPLOADS_TEST_HOOKS, kill the worker at this crash point.
 UPLOADS_CRASH_POINT = os.environ.get("UPLOADS_CRASH_POINT") or ""
+# Test-only: with UPLOADS_TEST_HOOKS, append every partial-file writer's interval to this file (INV7).
+UPLOADS_WRITE_LOG = os.environ.get("UPLOADS_WRITE_LOG") or ""
 
 LOGGING = {
     "version": 1,

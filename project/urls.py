@@ -13,6 +13,9 @@ router = DefaultRouter()
 router.trailing_slash = "/?"
 router.register("uploads", UploadViewSet, basename="upload")
 
+# Unmatched URLs under /api/ answer JSON like the API's own 404s.
+handler404 = "uploads.api.not_found"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -20,6 +20,8 @@ from rest_framework.test import APIClient
 
 from uploads import progress
 
+from .invariants import assert_single_writer
+
 
 @pytest.fixture(autouse=True)
 def media_root(settings, tmp_path):
@@ -27,6 +29,11 @@ def media_root(settings, tmp_path):
     root.mkdir()
     settings.MEDIA_ROOT = str(root)
     return root
+
+
+# Prepended to every Redis key by this test process, and by the servers it starts (CACHE_KEY_PREFIX),
+# so a live test's invariant checks read the very keys its server writes.
+TEST_KEY_PREFIX = f"t{os.getpid()}-"
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +50,7 @@ def clean_redis(settings):
             f"Refusing to use Redis {location!r} in tests: run them with "
             "REDIS_URL=redis://127.0.0.1:6379/14 (make test does)"
         )
-        caches_setting[alias]["KEY_PREFIX"] = f"{caches_setting[alias].get('KEY_PREFIX', '')}-t{os.getpid()}"
+        caches_setting[alias]["KEY_PREFIX"] = TEST_KEY_PREFIX + caches_setting[alias].get("KEY_PREFIX", "")
     settings.CACHES = caches_setting
     for alias in ("default", "uploads"):
         caches[alias].delete_pattern("*")
@@ -106,6 +113,25 @@ def start_gunicorn(transactional_db, media_root, tmp_path):
     yield start
     for server in servers:
         server.stop()
+    for server in servers:
+        assert_single_writer(server.write_log)  # INV7, after every live test
+
+
+@pytest.fixture
+def serve(start_gunicorn):
+    """`serve(gunicorn_args, **env)`: `start_gunicorn` with the app preloaded in the master (a
+    worker replacing a killed one then starts in a fraction of the time) plus `gunicorn_args` in
+    GUNICORN_CMD_ARGS; every server is SIGKILLed, workers too, at the end of the test."""
+    servers = []
+
+    def start(gunicorn_args: str = "", **env: str):
+        server = start_gunicorn(GUNICORN_CMD_ARGS=f"--preload {gunicorn_args}".strip(), **env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
 
 
 @pytest.fixture

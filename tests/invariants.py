@@ -2,10 +2,12 @@
 
 `assert_invariants(upload, source_bytes, acked=...)` checks INV1, INV2, INV3, INV5 and INV6 against
 the real database, the real files under MEDIA_ROOT and the real Redis. `OffsetLog` checks INV4 on
-the client's side. INV7 (one writer) and INV8 (no 500 on hostile input) are properties of whole
-scenarios: the racing-writer and fuzzing tests assert them. It reads Redis *before* the
-database, as the invariant sampler does: Redis may trail the database, never lead it, so reading
-them in this order can only make a violation visible, never hide one.
+the client's side. `assert_single_writer` checks INV7 (one writer) from the server's write log.
+INV8 (no 500 on hostile input) is a property of whole scenarios: the fuzzing tests assert it.
+
+`assert_invariants` reads Redis *before* the database, as the invariant sampler does: Redis may
+trail the database, never lead it, so reading them in this order can only make a violation
+visible, never hide one.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from django.conf import settings
 
 from uploads import progress, storage
 from uploads.models import Status, UploadSession
+
+from .faults.writelog import overlapping_writers
 
 
 def partial_bytes(upload: UploadSession) -> bytes | None:
@@ -82,6 +86,14 @@ def assert_invariants(
         assert not reconciled, "all bytes are committed but the upload was never finalized"
     assert_contained(Path(settings.MEDIA_ROOT))
     return row
+
+
+def assert_single_writer(write_log: Path) -> int:
+    """INV7: no two writers ever held one upload's partial file open at once, across processes
+    (read from the server's write log). Returns how many writers were checked."""
+    checked, overlaps = overlapping_writers(write_log)
+    assert not overlaps, "\n".join(overlaps)
+    return checked
 
 
 class OffsetLog:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,8 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    # Every partial-file writer's interval, when the server runs with UPLOADS_TEST_HOOKS (INV7).
+    write_log: Path
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -48,31 +51,66 @@ class Server:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def workers(self) -> list[int]:
+        """The pids of the workers gunicorn's master has forked."""
+        pid = self.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
 
-def start_server(media_root: Path, log_dir: Path, **env: str) -> Server:
-    port = _free_port()
-    log = log_dir / f"gunicorn-{port}.log"
-    environment = {
+    def kill(self) -> None:
+        """SIGKILL master and workers: instant, where a graceful stop takes gunicorn 2-3 s."""
+        if self.process.poll() is None:
+            workers = self.workers()
+            self.process.kill()  # the master first, so it respawns nothing
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait(timeout=10)
+
+
+def project_environment(media_root: Path, **env: str) -> dict[str, str]:
+    """The environment for a project process (gunicorn, manage.py) sharing this test's database,
+    MEDIA_ROOT and Redis keys, with the test hooks on (X-Worker-Pid, the write log for INV7;
+    crash points stay off unless a test sets UPLOADS_CRASH_POINT)."""
+    return {
         **os.environ,
         "DATABASE_URL": test_database_url(),
         "CONN_MAX_AGE": "0",
         "MEDIA_ROOT": str(media_root),
         "REDIS_URL": settings.REDIS_URL,
         "UPLOADS_REDIS_URL": settings.UPLOADS_REDIS_URL,
+        # The test process's own key prefix (see conftest.clean_redis), so both read the same keys.
+        "CACHE_KEY_PREFIX": settings.CACHES["uploads"]["KEY_PREFIX"].removesuffix("uploads"),
         "DEBUG": "0",
         "SECRET_KEY": "live-test-secret-key-not-for-production-0123456789",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "BIND": f"127.0.0.1:{port}",
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": "4",
+        "UPLOADS_TEST_HOOKS": "1",
         **env,
     }
+
+
+def start_server(media_root: Path, log_dir: Path, **env: str) -> Server:
+    port = _free_port()
+    log = log_dir / f"gunicorn-{port}.log"
+    write_log = log_dir / f"writes-{port}.log"
+    environment = project_environment(
+        media_root,
+        **{
+            "BIND": f"127.0.0.1:{port}",
+            "WEB_CONCURRENCY": "2",
+            "GUNICORN_THREADS": "4",
+            "UPLOADS_WRITE_LOG": str(write_log),
+            **env,
+        },
+    )
     handle = log.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.py", "project.wsgi"],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
     )
-    server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log, write_log=write_log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -818,6 +818,20 @@ def test_list_is_paginated_newest_first_and_only_mine(api, other_api):
     listed = [item["id"] for item in page["results"] + second["results"]]
     assert listed == ids[::-1]
     assert_error(api.get(LIST_URL, {"page": 3}), 404)
+    # Found by the schema fuzzer: a page that is no positive number is the same documented 404.
+    assert_error(api.get(LIST_URL, {"page": -40434781}), 404, "not_found")
+
+
+@pytest.mark.parametrize("path", ["/api/uploads/not-a-uuid/", "/api/uploads/%C2%AF%C3%BC/content/", "/api/nothing"])
+def test_unrouted_api_urls_are_json_404s(api, path):
+    # Found by the schema fuzzer: an id that is not a UUID matches no route; Django's HTML page
+    # would break clients that parse every API error as JSON.
+    assert_error(api.get(path), 404, "not_found")
+
+
+def test_unrouted_page_urls_keep_the_html_404(client):
+    response = client.get("/no-such-page/")
+    assert response.status_code == 404 and response["Content-Type"].startswith("text/html")
 
 
 def test_list_filters_by_status_and_filename(api):

@@ -21,25 +21,31 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 import requests
 from django.conf import settings
+from django.utils import timezone
 
-from uploads import progress, storage
+from uploads import progress, selectors, services, storage
 from uploads.models import Status, UploadSession
 
 from .faults import FaultProxy
-from .invariants import assert_invariants, final_files
+from .invariants import assert_invariants, assert_single_writer, final_files
+from .server import ROOT, project_environment
 
 pytestmark = pytest.mark.live
 KiB = 1024
@@ -73,35 +79,6 @@ def _host_port(base: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def _kill(server) -> None:
-    """SIGKILL master and workers: instant, where a graceful stop takes gunicorn 2-3 s."""
-    if server.process.poll() is None:
-        workers = _workers(server)
-        server.process.kill()
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        server.process.wait(timeout=10)
-
-
-@pytest.fixture
-def serve(start_gunicorn):
-    """`start_gunicorn`, with the app preloaded in the master (a worker replacing a killed one
-    then starts in a fraction of the time) and every server SIGKILLed at the end of the test."""
-    servers = []
-
-    def start(**env: str):
-        server = start_gunicorn(GUNICORN_CMD_ARGS="--preload", **env)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        _kill(server)
-
-
 @pytest.fixture(scope="module")
 def _shared(django_db_setup, django_db_blocker, tmp_path_factory):
     from .server import start_server
@@ -115,7 +92,7 @@ def _shared(django_db_setup, django_db_blocker, tmp_path_factory):
         )
     _warm(server, 2)
     yield server, media
-    _kill(server)
+    server.kill()
 
 
 @pytest.fixture
@@ -125,7 +102,8 @@ def shared_server(_shared, transactional_db, settings):
     server, media = _shared
     assert server.process.poll() is None, server.output()
     settings.MEDIA_ROOT = str(media)
-    return server
+    yield server
+    assert_single_writer(server.write_log)  # INV7 (the log spans the module's tests so far)
 
 
 @pytest.fixture
@@ -144,9 +122,8 @@ def fault_proxy():
 
 
 def _server_cached_offset(row: UploadSession) -> int | None:
-    """The running total the *server* wrote to Redis (tests use their own key prefix, so
-    `progress.read` in this process never sees it)."""
-    prefix = settings.CACHES["uploads"]["KEY_PREFIX"].removesuffix(f"-t{os.getpid()}")
+    """The running total the *server* wrote to Redis, read raw (no fallback, no back-off)."""
+    prefix = settings.CACHES["uploads"]["KEY_PREFIX"]  # the server's too (tests/server.py)
     value = redis.Redis.from_url(settings.UPLOADS_REDIS_URL).get(f"{prefix}:1:{progress.key_for(row)}")
     return int(value) if value is not None and value.isdigit() else None
 
@@ -272,11 +249,6 @@ class Client:
         return row
 
 
-def _workers(server) -> list[int]:
-    pid = server.process.pid
-    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-
-
 def _warm(server, workers: int) -> None:
     """Until each of the server's workers has answered once: a worker's first request imports the
     URLconf and views, seconds on a busy machine, which must not count against a time limit.
@@ -326,11 +298,11 @@ def _status_of(reply: bytes) -> int | None:
 
 def _crash(client: Client, server, offset: int, data: bytes) -> int:
     """Send the chunk that kills the worker: no answer at all. Returns the dead worker's pid."""
-    before = set(_workers(server))
+    before = set(server.workers())
     with pytest.raises(requests.ConnectionError):
         client.send(server.url, offset, data)
-    _wait_for(lambda: server.process.poll() is None and set(_workers(server)) - before, 15, "a replacement worker")
-    (killed,) = before - set(_workers(server))
+    _wait_for(lambda: server.process.poll() is None and set(server.workers()) - before, 15, "a replacement worker")
+    (killed,) = before - set(server.workers())
     assert f"Worker (pid:{killed}) was sent SIGKILL" in server.output()
     return killed
 
@@ -428,7 +400,7 @@ def test_a4_whole_server_killed_mid_chunk_then_restarted(serve, token):
             sock.sendall(source[:5 * MiB])
         for client in clients:
             _wait_for(lambda client=client: client.row().offset >= 2 * MiB, 10, "the chunk to commit as it streams")
-        for pid in [first.process.pid, *_workers(first)]:  # the master first, so it respawns nothing
+        for pid in [first.process.pid, *first.workers()]:  # the master first, so it respawns nothing
             os.kill(pid, signal.SIGKILL)
         first.process.wait(timeout=5)
         for sock in socks:
@@ -592,6 +564,8 @@ def test_e1_e2_two_writers_at_the_same_offset(shared_server, token, same_bytes):
     source = bytes(stored) + b"!"
     client.finish(server.url, source, chunk)
     client.check_complete(source)
+    # INV7 from the server's write log: every round's winner wrote, and no two writers overlapped.
+    assert assert_single_writer(server.write_log) >= rounds
 
 
 # --- F: protocol ----------------------------------------------------------------------------------
@@ -720,3 +694,50 @@ def test_h5_a_one_byte_per_second_body_is_cut_off(serve, token, fault_proxy):
     client.check(source)
     client.finish(server.url, source, 2 * MiB)
     client.check_complete(source)
+
+
+# --- L: cleanup -----------------------------------------------------------------------------------
+
+
+def _cleanup_command(media_root, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "cleanup_uploads"], cwd=ROOT, env=project_environment(media_root, **env),
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_l3_cleanup_killed_halfway_then_run_again(transactional_db, media_root, user):
+    """L3: `cleanup_uploads` is SIGKILLed while expiring its third idle upload, after deleting its
+    data and before marking its row. That upload already reads as expired; running the command
+    again expires the rest, and a third run finds nothing. Live and complete uploads, and their
+    bytes, are never touched."""
+    def upload_with(data: bytes, name: str) -> UploadSession:
+        upload, _ = services.upload_create(owner=user, filename=name, size=len(data) + 10)
+        return services.upload_append(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
+
+    idle = [upload_with(os.urandom(1000 + n), f"idle-{n}.bin") for n in range(5)]
+    UploadSession.objects.filter(pk__in=[u.pk for u in idle]).update(expires_at=timezone.now() - timedelta(hours=1))
+    live_source = os.urandom(2010)
+    live = upload_with(live_source[:2000], "live.bin")  # 2000 of 2010 bytes, within its window
+    done_source = os.urandom(500)
+    done, _ = services.upload_create(owner=user, filename="done.bin", size=len(done_source))
+    services.upload_append(upload=done, offset=0, stream=io.BytesIO(done_source), length=len(done_source))
+
+    killed = _cleanup_command(media_root, UPLOADS_CRASH_POINT="expire_after_delete@3")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    rows = list(UploadSession.objects.filter(pk__in=[u.pk for u in idle]))
+    assert sum(row.status == Status.EXPIRED for row in rows) == 2
+    half_done = [row for row in rows if row.status == Status.PARTIAL and storage.partial_size(row.pk) is None]
+    assert len(half_done) == 1  # its data gone, its row not yet marked
+    assert selectors.upload_effective_status(half_done[0]) == Status.EXPIRED  # clients already get 410
+
+    again = _cleanup_command(media_root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Expired 3 upload(s)" in again.stdout, again.stdout
+    for row in UploadSession.objects.filter(pk__in=[u.pk for u in idle]):
+        assert row.status == Status.EXPIRED and storage.partial_size(row.pk) is None
+    assert assert_invariants(live, live_source, acked=2000).status == Status.PARTIAL
+    assert assert_invariants(done, done_source, acked=len(done_source)).status == Status.COMPLETE
+
+    third = _cleanup_command(media_root)
+    assert third.returncode == 0 and "Expired 0 upload(s)" in third.stdout, third.stdout

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from django.conf import settings
 from django.core.cache import caches
 from django.db import connection
 from rest_framework.authtoken.models import Token
@@ -42,7 +43,7 @@ from .faults_services_support import (
     postgres_bin,
     wait_until,
 )
-from .invariants import OffsetLog, assert_invariants
+from .invariants import OffsetLog, assert_invariants, assert_single_writer
 from .server import start_server
 
 KiB = 1024
@@ -50,9 +51,6 @@ MiB = 1024 * KiB
 OCTET = "application/octet-stream"
 TUS_OCTETS = "application/offset+octet-stream"
 TUS_VERSION = "1.0.0"
-# The key prefix and version the server process uses (settings.CACHES["uploads"]), as django-redis
-# builds keys: "<KEY_PREFIX>:<VERSION>:<key>".
-SERVER_KEY_PREFIX = "uploads:1:"
 
 
 # --- Fixtures and clients --------------------------------------------------------------------------
@@ -113,7 +111,9 @@ class Api:
 
 
 def server_key(upload: UploadSession) -> str:
-    return SERVER_KEY_PREFIX + progress.key_for(upload)
+    """The key the server process writes, as django-redis builds it: "<KEY_PREFIX>:<VERSION>:<key>"
+    (the server shares this process's prefix: tests/server.py)."""
+    return f"{settings.CACHES['uploads']['KEY_PREFIX']}:1:{progress.key_for(upload)}"
 
 
 def redis_total(client, upload: UploadSession) -> int | None:
@@ -520,6 +520,7 @@ def test_c1_postgresql_crash_mid_chunk(pg_cluster, redis_server, media_root, tmp
         assert "Traceback" not in server.output()
     finally:
         server.stop()
+    assert_single_writer(server.write_log)
 
 
 def _without_health_checks(directory) -> dict[str, str]:
@@ -589,6 +590,7 @@ def test_c2_postgresql_restart_between_chunks(health_checks, pg_cluster, redis_s
         assert_raw_invariants(pg_row(pg_cluster.url(), upload_id), source, media_root, acked=len(source))
     finally:
         server.stop()
+    assert_single_writer(server.write_log)
 
 
 # --- C3: SQLite under concurrent uploads -----------------------------------------------------------

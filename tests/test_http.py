@@ -306,6 +306,27 @@ def test_a_trickling_body_is_stalled_and_can_be_cut(settings):
         assert stream.cut_off and not stream.interrupted
 
 
+def test_a_slow_body_is_handed_over_every_commit_interval(settings):
+    """RELIABILITY A6/X4: a read of a whole block from a slow client returns what arrived once
+    UPLOADS_COMMIT_INTERVAL has passed, so the engine commits it; otherwise a client slower than one
+    block per worker timeout would lose every attempt's bytes to the kill, for ever."""
+    import time
+
+    settings.UPLOADS_COMMIT_INTERVAL = 0.2
+
+    class Slow(io.RawIOBase):
+        def read(self, size: int = -1) -> bytes:
+            time.sleep(0.05)
+            return b"p" * 1000  # a 64 KiB piece's worth would take 3.3 s at this rate
+
+    stream = BodyStream(Slow(), None, length=10**6)
+    started = time.monotonic()
+    block = stream.read(1024 * 1024)
+    # Without the early return this read would take 50 s (a whole MiB at 20 KB/s).
+    assert 1000 <= len(block) < 10**6 and time.monotonic() - started < 10
+    assert stream.read(1000) == b"p" * 1000  # and reading goes on
+
+
 def test_a_broken_connection_after_some_pieces_hands_over_what_arrived_first():
     """Reading a block piece by piece must not lose the pieces read before the connection broke."""
 

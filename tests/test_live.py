@@ -188,11 +188,6 @@ def test_uploads_go_on_when_redis_is_down(start_gunicorn, token):
     assert response.json()["sha256"] == hashlib.sha256(source).hexdigest()
 
 
-def _workers(server) -> list[int]:
-    pid = server.process.pid
-    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-
-
 def test_worker_killed_mid_chunk_then_resume(start_gunicorn, token, media_root):
     """kill -9 of the worker while a chunk streams: no ack was sent, what was committed is on
     disk, the lock died with the process, and the client finishes from the server's offset."""
@@ -207,7 +202,7 @@ def test_worker_killed_mid_chunk_then_resume(start_gunicorn, token, media_root):
         while UploadSession.objects.get(pk=created["id"]).offset < 2 * MiB:  # it commits as it streams
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        for pid in _workers(server):
+        for pid in server.workers():
             os.kill(pid, 9)
         sock.settimeout(5)
         try:

@@ -1209,6 +1209,57 @@ def test_settle_finalizes_an_upload_whose_last_bytes_were_committed_but_not_fina
     assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("fault", ["wrong-checksum", "bytes-missing"])
+def test_settle_returns_a_crashed_finalize_that_fails_as_failed(user, fault):
+    """Found by the model-based test: finishing the job may fail the upload; the read that did it
+    then describes the failed upload (as every later read does) instead of raising."""
+    data = source(3 * KiB)
+    checksum = "sha256:" + hashlib.sha256(b"another file").hexdigest() if fault == "wrong-checksum" else ""
+    upload = create(user, data, checksum=checksum)
+    kept = data if fault == "wrong-checksum" else data[:-1]
+    with storage.PartialWriter(upload.pk, 0) as writer:
+        writer.write(kept)
+        writer.sync()
+    UploadSession.objects.filter(pk=upload.pk).update(offset=len(data))
+    upload = services.upload_settle(upload=upload)
+    assert upload.status == Status.FAILED and upload.error
+    assert storage.partial_size(upload.pk) is None and not upload.file
+    assert services.upload_settle(upload=upload).status == Status.FAILED
+
+
+def _settle_together(upload_id: uuid.UUID, barrier: threading.Barrier) -> UploadSession:
+    try:
+        barrier.wait(timeout=10)
+        return services.upload_settle(upload=UploadSession.objects.get(pk=upload_id))
+    finally:
+        connection.close()  # this thread's own connection
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_finalizes_at_once_publish_exactly_once(user, caplog):
+    """E6: two requests (a REST GET and a tus HEAD, say) find every byte committed and both try to
+    finish the upload at the same moment, 8 times over. One publishes; the other sees it done. Both
+    answers agree, there is one final file and one `complete` transition."""
+    caplog.set_level("INFO", logger="uploads.services")
+    for round_ in range(8):
+        data = source(256 * KiB, seed=round_)
+        upload = create(user, data, filename=f"e6-{round_}.bin")
+        with storage.PartialWriter(upload.pk, 0) as writer:
+            writer.write(data)
+            writer.sync()
+        UploadSession.objects.filter(pk=upload.pk).update(offset=len(data))  # the finalize that died
+        barrier = threading.Barrier(2)
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(_settle_together, upload.pk, barrier) for _ in range(2)]
+            first, second = [future.result() for future in futures]
+        assert first.status == second.status == Status.COMPLETE
+        assert (first.file, first.sha256, first.completed_at) == (second.file, second.sha256, second.completed_at)
+        assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+        completions = [r for r in caplog.records if f"upload {upload.pk} complete" in r.getMessage()]
+        assert len(completions) == 1, completions
+
+
 def _part(user, data: bytes) -> UploadSession:
     part = create_tus(user, len(data), concat="partial", filename=None)
     return append(part, data, 0) if data else part

@@ -583,3 +583,32 @@ def test_open_concatenation_close_is_idempotent(part_names):
     assert stream.read(2) == b"ab"
     stream.close()
     stream.close()
+
+
+def test_writers_log_their_intervals_for_the_single_writer_check(partial, upload_id, tmp_path, monkeypatch):
+    """INV7's evidence: with the test hooks' write log on, every writer logs when it held the file,
+    and the checker finds writers that overlapped (which the upload lock must prevent)."""
+    from uploads import faults
+
+    from .faults.writelog import overlapping_writers, writers
+    from .invariants import assert_single_writer
+
+    log = tmp_path / "writes.log"
+    monkeypatch.setattr(storage, "write_log", faults._WriteLog(str(log)))
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(b"abc")
+    with storage.PartialWriter(upload_id, 3) as writer:
+        writer.write(b"def")
+    assert assert_single_writer(log) == 2
+    assert [(w.upload, w.pid) for w in writers(log)] == [(upload_id.hex, str(os.getpid()))] * 2
+
+    with storage.PartialWriter(upload_id, 6), storage.PartialWriter(upload_id, 6):
+        pass  # two at once: what two workers without the lock would do
+    checked, overlaps = overlapping_writers(log)
+    assert checked == 4 and len(overlaps) == 1 and upload_id.hex in overlaps[0]
+    # A writer killed while holding the file logs no end; opening inside a known interval still counts.
+    start = time.monotonic_ns()
+    with log.open("a") as handle:
+        handle.write(f"open 1 {upload_id.hex} {start}\nclose 2 {upload_id.hex} {start - 5} {start + 5}\n")
+        handle.write(f"open 2 {upload_id.hex} {start - 5}\n")
+    assert len(overlapping_writers(log)[1]) == 2

@@ -753,8 +753,8 @@ def test_D7_D11_chunked_body_never_writes_past_upload_length(api):
 
 
 def test_D8_empty_patch_and_patch_on_a_complete_upload(api, publishes):
-    """D8: an empty body (Content-Length: 0) gets 204 with the offset unchanged; a PATCH on a
-    complete upload gets 204 with `Upload-Offset` = length and changes nothing."""
+    """D8: an empty body (Content-Length: 0) gets 204 with the offset unchanged; an empty PATCH
+    at the length of a complete upload gets 204 with `Upload-Offset` = length and changes nothing."""
     url = new_upload(api, 5)
     assert patch(api, url, b"ab", 0).status_code == 204
     empty = patch(api, url, b"", 2)
@@ -851,16 +851,41 @@ def test_D13_D14_simultaneous_patches_exactly_one_appends(api, publishes):
     assert loser.status_code in (409, 423) or loser.status_code >= 500, loser.status_code
 
     statuses = [response.status_code for response in last_responses]
-    assert 204 in statuses, statuses
+    # Different last bytes: the loser is never told its bytes were stored (no 204 after completion).
+    assert statuses.count(204) == 1, statuses
     for response in last_responses:
         assert response.status_code in (204, 409, 423) or response.status_code >= 500
-        if response.status_code == 204:
-            assert response["Upload-Offset"] == str(2 * half)  # the winner, or a retry after completion
+        if response.status_code in (204, 409):
+            assert response["Upload-Offset"] == str(2 * half)
     stored = content_of(api, url)
     assert stored[:half] == first[winners[0]]
     assert stored[half:] in last
     assert_invariants(row_of(url), stored, acked=2 * half)
     assert len(publishes) == 1
+
+
+@pytest.mark.parametrize(
+    ("start", "body"),
+    [(12, b"X" * 8), (12, b"mnopqrs"), (4, None), (12, None), (19, b"tt"), (20, b"!")],
+    ids=["other-last-bytes", "short-of-the-end", "middle-chunk", "last-and-more", "past-end", "after-end"],
+)
+def test_D8_a_patch_on_a_complete_upload_that_is_not_its_last_bytes_gets_409(api, publishes, start, body):
+    """D8: only an exact copy of the upload's last bytes (a retry whose answer was lost) is told
+    204. Other bytes (a writer that lost the race to finish), a chunk that does not end at the
+    length, or one past it get 409 with `Upload-Offset` = length; nothing changes."""
+    data = source(20, seed=8)
+    url = new_upload(api, 20)
+    assert patch(api, url, data, 0).status_code == 204
+    done = assert_invariants(row_of(url), data, acked=20)
+    if body is None:
+        body = data[start:16] if start == 4 else data[start:] + (b"more" if start == 12 else b"")
+    response = patch(api, url, body, start)
+    assert response.status_code == 409, response.content
+    assert response["Upload-Offset"] == "20" and response.json()["code"] == "complete"
+    after = assert_invariants(row_of(url), data, acked=20)
+    assert (after.completed_at, after.sha256) == (done.completed_at, done.sha256) and len(publishes) == 1
+    assert patch(api, url, data[12:], 12).status_code == 204  # the true last bytes: still 204
+    assert patch(api, url, data, 0).status_code == 204  # ... from any offset (one PATCH did it all)
 
 
 def test_D14_retried_last_patch_completes_exactly_once(api, publishes):

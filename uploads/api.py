@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from django.db import InterfaceError, OperationalError
-from django.http import FileResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -74,7 +75,8 @@ ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 403, 404
 
 
 @extend_schema_view(
-    list=extend_schema(summary="Your uploads, newest first"),
+    # 404: a page number past the last page, or not a positive number ("Invalid page.").
+    list=extend_schema(summary="Your uploads, newest first", responses={200: UploadSerializer, **ERRORS}),
     retrieve=extend_schema(summary="One upload, with its current offset", responses={200: UploadSerializer, **ERRORS}),
     destroy=extend_schema(summary="Cancel or delete an upload and its file", responses={204: None, **ERRORS}),
 )
@@ -225,3 +227,11 @@ def _flatten(detail: object, prefix: str = "") -> str:
     if isinstance(detail, list):
         return "; ".join(_flatten(item, prefix) for item in detail)
     return f"{prefix}{detail}"
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """The project's 404 page (`handler404`): JSON for any URL under /api/ that matches no route,
+    such as an id that is not a UUID, as API clients (and the schema) expect; HTML elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
+    return defaults.page_not_found(request, exception)

@@ -8,13 +8,21 @@ response, locks released by the kernel and the database.
 
 Points, in the order a chunk passes them: `before_write`, `mid_body` (after each block written),
 `after_write`, `after_fsync`, `after_commit`, `after_redis`, `before_response`; while finishing an
-upload: `finalize_before_rename`, `finalize_after_rename`, `finalize_after_commit`.
+upload: `finalize_before_rename`, `finalize_after_rename`, `finalize_after_commit`; while expiring
+one (cleanup): `expire_after_delete`, between deleting its data and marking its row expired.
+
+The write log (INV7, one writer per upload): with the hooks on and `UPLOADS_WRITE_LOG` naming a
+file, every partial-file writer appends `open <pid> <upload hex> <start ns>` when it opens the file
+and `close <pid> <upload hex> <start ns> <end ns>` when it closes it (CLOCK_MONOTONIC, which all
+processes on one machine share). Tests read it with `tests/invariants.py:assert_single_writer`.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
+import uuid
 
 from django.conf import settings
 
@@ -23,6 +31,7 @@ from .conf import conf
 POINTS = (
     "before_write", "mid_body", "after_write", "after_fsync", "after_commit", "after_redis",
     "before_response", "finalize_before_rename", "finalize_after_rename", "finalize_after_commit",
+    "expire_after_delete",
 )
 
 
@@ -53,3 +62,37 @@ def _nothing(name: str) -> None:
 
 
 crash_point = _Crasher(getattr(settings, "UPLOADS_CRASH_POINT", "")) if conf.TEST_HOOKS else _nothing
+
+
+class _WriteLog:
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def opened(self, upload_id: uuid.UUID) -> int:
+        start = time.monotonic_ns()
+        self._append(f"open {os.getpid()} {upload_id.hex} {start}\n")
+        return start
+
+    def closed(self, upload_id: uuid.UUID, start: int) -> None:
+        self._append(f"close {os.getpid()} {upload_id.hex} {start} {time.monotonic_ns()}\n")
+
+    def _append(self, line: str) -> None:
+        # One write() of one short line on an O_APPEND descriptor: lines from many processes
+        # never interleave. Opened per line, so a fork or a test's new file needs no bookkeeping.
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+class _NoWriteLog:
+    def opened(self, upload_id: uuid.UUID) -> int:
+        return 0
+
+    def closed(self, upload_id: uuid.UUID, start: int) -> None:
+        return None
+
+
+_log_path = getattr(settings, "UPLOADS_WRITE_LOG", "")
+write_log = _WriteLog(_log_path) if conf.TEST_HOOKS and _log_path else _NoWriteLog()

@@ -53,9 +53,11 @@ class BodyStream:
     shuts the socket's read side down, which wakes a read blocked on a half-open connection. The
     response can still be written. Once the whole body has been read, an interruption changes
     nothing: the request ends on its own, and the kept-alive connection must stay readable for
-    the client's next request. `stalled()` is true when one piece of the body has taken longer
-    than UPLOADS_BODY_TIMEOUT; the watcher then `cut()`s the body the same way, and the engine
-    keeps what arrived (an incomplete body, not a release).
+    the client's next request. A read returns early, with whole pieces, once it has taken
+    UPLOADS_COMMIT_INTERVAL, so a slow body is committed as often as a fast one. `stalled()` is
+    true when one piece of the body has taken longer than UPLOADS_BODY_TIMEOUT; the watcher then
+    `cut()`s the body the same way, and the engine keeps what arrived (an incomplete body, not a
+    release).
     """
 
     def __init__(self, source: BinaryIO, sock: socket.socket | None, length: int | None = None) -> None:
@@ -74,7 +76,12 @@ class BodyStream:
             error, self._error = self._error, None
             raise error
         pieces = []
+        began = time.monotonic()
         while size > 0 and not (self.interrupted or self.cut_off):
+            if pieces and time.monotonic() - began >= conf.COMMIT_INTERVAL:
+                # A slow body: hand over what arrived, so the engine commits it on time. Else a
+                # client slower than a block per worker timeout would never get past one block.
+                break
             self._piece_started = time.monotonic()
             try:
                 piece = self._source.read(min(PIECE, size))

@@ -350,6 +350,29 @@ def _save_size(upload: UploadSession, size: int) -> None:
     upload.size = size
 
 
+def upload_confirm_last_chunk(
+    *, upload: UploadSession, offset: int, stream: BinaryIO, length: int | None
+) -> UploadSession:
+    """A chunk for an upload that is already complete (TUS.md D8). If it is exactly the upload's
+    last bytes, already stored, it is a retry whose answer was lost: the upload is returned and the
+    client gets the success it missed. Anything else (a writer that lost the race for the last
+    bytes with other bytes, a chunk from the middle) is told the upload is complete (409).
+    """
+    upload.refresh_from_db()
+    ends_at_size = length is None or offset + length == upload.size
+    if not (
+        upload.status == Status.COMPLETE
+        and offset <= upload.size
+        and ends_at_size
+        and storage.final_ends_with(upload.file, offset, stream)
+    ):
+        raise UploadComplete(
+            "The upload is already complete; this chunk is not the end of what it holds.",
+            offset=upload.offset, status=upload.status,
+        )
+    return upload
+
+
 def upload_settle(*, upload: UploadSession) -> UploadSession:
     """The upload's committed state with no request writing to it (tus HEAD, TUS.md C7 and N7).
 
@@ -357,6 +380,8 @@ def upload_settle(*, upload: UploadSession) -> UploadSession:
     commit what it durably has, so the offset returned is the one the next append must start at.
     An upload whose last byte is committed but that was never finalized (a crash in between) is
     finalized here, so a client told "offset == size" is never left with an unfinished upload.
+    Finishing it may fail it (a wrong declared checksum, bytes missing on disk): that is then the
+    state returned, as every later read returns it, not an error of this read.
     """
     upload.refresh_from_db()
     if upload.status != Status.PARTIAL:
@@ -366,9 +391,11 @@ def upload_settle(*, upload: UploadSession) -> UploadSession:
         if upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final:
             try:
                 _finalize(upload)
+            except ChecksumMismatch:
+                pass  # _finalize failed the upload and recorded why
             except DataLost as exc:
                 _fail(upload, exc.detail)
-                raise
+            upload.refresh_from_db()
     return upload
 
 
@@ -653,6 +680,9 @@ def _expire_locked(upload: UploadSession) -> None:
     storage.delete_partial(upload.pk)
     if upload.status == Status.COMPLETE:
         storage.delete_final(upload.file)  # only a concatenation part past its keep-alive window
+    # A crash here leaves a row past its expiry with no data: read as expired, and expired again
+    # by the next cleanup (RELIABILITY L3).
+    crash_point("expire_after_delete")
     UploadSession.objects.filter(pk=upload.pk, status=upload.status).update(
         status=Status.EXPIRED, updated_at=timezone.now()
     )

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.core.files import File
@@ -23,6 +24,7 @@ from django.core.files.storage import Storage, storages
 
 from .conf import conf
 from .exceptions import DataLost, StorageFailure, StorageFull
+from .faults import write_log
 
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
@@ -125,6 +127,8 @@ class PartialWriter:
 
     def __init__(self, upload_id: uuid.UUID, offset: int) -> None:
         self.position = offset
+        self._upload_id = upload_id
+        self._log_start: int | None = None  # set once open: the write log's interval start (INV7)
         try:
             self._fd = os.open(partial_path(upload_id), os.O_WRONLY | os.O_NOFOLLOW)
         except FileNotFoundError as exc:
@@ -144,6 +148,7 @@ class PartialWriter:
             # Never ftruncate upwards: that would zero-fill acknowledged bytes (RELIABILITY INV2).
             self.close()
             raise DataLost(f"Only {size} of {offset} acknowledged bytes are on disk; start a new upload.")
+        self._log_start = write_log.opened(upload_id)
 
     @property
     def size_on_disk(self) -> int:
@@ -183,6 +188,8 @@ class PartialWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            if self._log_start is not None:
+                write_log.closed(self._upload_id, self._log_start)
 
     def __enter__(self) -> PartialWriter:
         return self
@@ -289,6 +296,31 @@ def final_size(name: str) -> int:
 def delete_final(name: str) -> None:
     if name:
         final_storage().delete(name)
+
+
+def final_ends_with(name: str, offset: int, stream: BinaryIO) -> bool:
+    """Whether `stream`, read to its end, holds exactly the stored file's bytes from `offset` to
+    its end. Stops reading at the first difference."""
+    with open_final(name) as handle:
+        handle.seek(offset)
+        while True:
+            stored = handle.read(HASH_BLOCK)
+            received = _read_exactly(stream, len(stored)) if stored else stream.read(1)
+            if received != stored:
+                return False
+            if not stored:
+                return True
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    parts, wanted = [], size
+    while wanted:
+        part = stream.read(wanted)
+        if not part:
+            break
+        parts.append(part)
+        wanted -= len(part)
+    return b"".join(parts)
 
 
 def sha256_of_final(name: str) -> str:

@@ -106,7 +106,7 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         # Django from logging every 5xx at ERROR (the flag is how Django marks a logged response).
         logger.warning("tus %s %s: %s", request.method, request.path, exc.detail)
         response._has_been_logged = True
-    if isinstance(exc, (OffsetMismatch, UploadReleased)) and "offset" in exc.extra():
+    if isinstance(exc, (OffsetMismatch, UploadReleased, UploadComplete)) and "offset" in exc.extra():
         response["Upload-Offset"] = str(exc.extra()["offset"])  # TUS.md D3: where to resume
     if isinstance(exc, UnsupportedVersion):
         response["Tus-Version"] = TUS_VERSION
@@ -183,9 +183,13 @@ class TusView(APIView):
         """Stream this request's body into the upload; see `_body_headers` for what was checked."""
         length, digest = self._body_headers(request)
         stream = http_body.body_stream(request, unframed=length is None)
-        return services.upload_append(
-            upload=upload, offset=offset, stream=stream, length=length, digest=digest, declare_size=declare_size
-        )
+        try:
+            return services.upload_append(
+                upload=upload, offset=offset, stream=stream, length=length, digest=digest, declare_size=declare_size
+            )
+        except UploadComplete:
+            # A retried last PATCH gets the 204 its lost answer carried; other bytes get 409 (D8).
+            return services.upload_confirm_last_chunk(upload=upload, offset=offset, stream=stream, length=length)
 
     @staticmethod
     def _body_headers(request: Request):
@@ -313,11 +317,7 @@ class TusUploadView(TusView):
         offset = parse_non_negative_int(request.headers.get("Upload-Offset"), "Upload-Offset")
         declared = request.headers.get("Upload-Length")
         declare_size = parse_non_negative_int(declared, "Upload-Length") if declared is not None else None
-        try:
-            upload = self._append(request, upload, offset=offset, declare_size=declare_size)
-        except UploadComplete:
-            # A retried last PATCH: nothing to store, and the answer the client needs (TUS.md D8).
-            upload.refresh_from_db()
+        upload = self._append(request, upload, offset=offset, declare_size=declare_size)
         response = _empty(204)
         response["Upload-Offset"] = str(upload.offset)
         _expires(response, upload)
