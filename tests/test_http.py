@@ -344,3 +344,81 @@ def test_a_broken_connection_after_some_pieces_hands_over_what_arrived_first():
     assert stream.read(10) == b"abcd"
     with pytest.raises(ConnectionResetError):
         stream.read(6)
+
+
+# --- DirectBody: gunicorn's body read straight from the socket ------------------------------------
+
+
+def _gunicorn_body(sock, length: int, *, buffered: bytes = b"", held: bytes = b""):
+    from gunicorn.http.body import Body, LengthReader
+    from gunicorn.http.unreader import SocketUnreader
+
+    unreader = SocketUnreader(sock)
+    unreader.unread(buffered)  # what gunicorn received with the headers
+    body = Body(LengthReader(unreader, length - len(held)))
+    body.buf.write(held)  # what an earlier read took from the reader and kept
+    return body
+
+
+def test_direct_body_reads_exactly_the_body_and_leaves_the_next_request():
+    import socket as socket_module
+
+    from uploads.http import DirectBody
+
+    server, client = socket_module.socketpair()
+    with server, client:
+        body = _gunicorn_body(server, 10, buffered=b"cdef", held=b"ab")
+        direct = DirectBody.of(body, server)
+        client.sendall(b"ghij" + b"GET /next HTTP/1.1\r\n")
+        received = b""
+        while piece := direct.read(3):
+            received += piece
+        assert received == b"abcdefghij"
+        assert body.reader.length == 0 and not body.failed
+        # gunicorn finds the connection at the next request, as if it had read the body itself.
+        assert body.read(100) == b"" and body.reader.unreader.read(9) == b"GET /next"
+
+
+def test_direct_body_keeps_a_pipelined_request_that_arrived_with_the_headers():
+    import socket as socket_module
+
+    from uploads.http import DirectBody
+
+    server, client = socket_module.socketpair()
+    with server, client:
+        body = _gunicorn_body(server, 4, buffered=b"wxyzHEAD / HTTP/1.1\r\n")
+        direct = DirectBody.of(body, server)
+        assert direct.read(100) == b"wxyz" and direct.read(100) == b""
+        assert body.reader.unreader.read(4) == b"HEAD"
+
+
+def test_direct_body_hands_over_what_arrived_before_a_broken_connection():
+    import socket as socket_module
+
+    from uploads.http import DirectBody
+
+    server, client = socket_module.socketpair()
+    with server, client:
+        body = _gunicorn_body(server, 100)
+        direct = DirectBody.of(body, server)
+        client.sendall(b"12345")
+        server.settimeout(0.2)
+        assert direct.read(50) == b"12345"  # the timeout came after these arrived
+        with pytest.raises(TimeoutError):
+            direct.read(50)
+        assert body.failed  # gunicorn must close the connection, not guess where the next request starts
+
+
+def test_direct_body_is_only_for_gunicorn_bodies_of_known_length():
+    import socket as socket_module
+
+    from gunicorn.http.body import Body, EOFReader
+    from gunicorn.http.unreader import SocketUnreader
+
+    from uploads.http import DirectBody
+
+    server, client = socket_module.socketpair()
+    with server, client:
+        assert DirectBody.of(io.BytesIO(b"x"), server) is None
+        assert DirectBody.of(Body(EOFReader(SocketUnreader(server))), server) is None
+        assert DirectBody.of(_gunicorn_body(client, 3), server) is None  # another socket

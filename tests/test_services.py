@@ -22,7 +22,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django_redis import get_redis_connection
 
-from uploads import locks, progress, services, storage
+from uploads import digests, locks, progress, services, storage
 from uploads.exceptions import (
     ChecksumMismatch,
     DataLost,
@@ -1385,3 +1385,47 @@ def test_a_create_that_cannot_fit_on_the_disk_is_507(settings, user, media_root)
         create_tus(user, free // 2 + 1)
     services.upload_delete(upload=upload)
     create_tus(user, free // 2 + 1)
+
+
+# --- Running digests (uploads/digests.py) -----------------------------------------------------------
+
+
+@pytest.fixture
+def no_cold_hash(monkeypatch):
+    """Completion must not read the partial file back to hash it."""
+
+    def refuse(upload_id):
+        raise AssertionError("completion hashed the file cold")
+
+    monkeypatch.setattr(storage, "sha256_of_partial", refuse)
+
+
+@pytest.mark.django_db
+def test_completion_uses_the_digest_kept_across_chunks(user, small_commits, no_cold_hash):
+    """Issue 6: a worker that received every chunk completes with the digest it kept while writing
+    (no re-read of the file), through interrupted bodies and refused chunks alike."""
+    data = os.urandom(50 * KiB + 7)
+    upload = create(user, data)
+    append(upload, data, 0, 9 * KiB)
+    with pytest.raises(IncompleteBody):  # commits at 4 KiB steps, then what arrived
+        services.upload_append(upload=upload, offset=9 * KiB, stream=BrokenStream(data[9 * KiB:], 6001), length=20 * KiB)
+    offset = UploadSession.objects.get(pk=upload.pk).offset
+    with pytest.raises(ChecksumMismatch):  # written, then discarded: the digest must not include it
+        append(upload, data, offset, offset + 10 * KiB, digest=sha256_digest(b"other bytes"))
+    with pytest.raises(OffsetMismatch):
+        append(upload, data, 0, 1000)
+    upload = append(upload, data, offset)
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
+
+
+@pytest.mark.django_db
+def test_a_chunk_from_another_worker_falls_back_to_the_cold_hash(user, small_commits):
+    """The digest is per worker: when a chunk was received elsewhere (here: forgotten, as a new
+    worker would have it), completion hashes the file from disk and the SHA-256 is still right."""
+    data = os.urandom(30 * KiB)
+    upload = create(user, data)
+    append(upload, data, 0, 10 * KiB)
+    digests.forget(upload.pk)  # what a restarted or different worker knows of it
+    append(upload, data, 10 * KiB, 20 * KiB)
+    upload = append(upload, data, 20 * KiB)
+    assert assert_invariants(upload, data, acked=len(data)).status == Status.COMPLETE
