@@ -77,6 +77,23 @@ def test_two_threads_cannot_hold_the_same_upload():
     assert 0.3 <= waited < 2.0
 
 
+def test_is_held_tells_whether_another_request_holds_the_upload():
+    """The reader's look (tus HEAD's fast path): held while another connection or thread holds
+    the lock, free before and after; it never takes the lock, nor creates a lock file."""
+    upload_id, other = uuid.uuid4(), uuid.uuid4()
+    assert not locks.is_held(upload_id)
+    if locks.uses_lock_files():
+        assert not storage.lock_path(upload_id).exists()
+    with Holder(upload_id):
+        assert locks.is_held(upload_id)
+        assert not locks.is_held(other)
+        with locks.upload_lock(other, timeout=0):  # the look did not take the holder's lock away
+            pass
+    assert not locks.is_held(upload_id)
+    with locks.upload_lock(upload_id, timeout=0):
+        pass
+
+
 def test_timeout_zero_fails_at_once_when_held():
     upload_id = uuid.uuid4()
     with Holder(upload_id):

@@ -2022,3 +2022,26 @@ def test_tus_uploads_appear_in_the_rest_api_and_the_admin(api, django_user_model
     html = page.content.decode()
     assert "tus-report.pdf" in html and "uppy-name.bin" in html
     assert client.get(f"/admin/uploads/uploadsession/{id_of(deferred)}/change/").status_code == 200
+
+
+# --- The hot path's database round trips (issue 6; stated in bench/README.md) -----------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_hot_path_costs_a_fixed_few_queries(api):
+    """A PATCH: the token, the upload (with its owner), the lock, the row under the lock, the
+    conditional UPDATE, the unlock; a HEAD with no writer: the token, a look at the lock (no query
+    on SQLite), the upload. Any extra query per request is a regression of issue 6's budget."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    url = new_upload(api, 3 * 64 * 1024)
+    postgres = connection.vendor == "postgresql"
+    for offset in (0, 64 * 1024):
+        with CaptureQueriesContext(connection) as queries:
+            assert patch(api, url, b"x" * 64 * 1024, offset).status_code == 204
+        # On SQLite the lock is a flock: no lock queries.
+        assert len(queries) == (6 if postgres else 4), [q["sql"][:80] for q in queries]
+    with CaptureQueriesContext(connection) as queries:
+        assert head(api, url)["Upload-Offset"] == str(2 * 64 * 1024)
+    assert len(queries) == (3 if postgres else 2), [q["sql"][:80] for q in queries]

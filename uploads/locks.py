@@ -104,6 +104,40 @@ def _file_lock(upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], N
         os.close(fd)  # closing the descriptor releases the flock
 
 
+_HELD_SQL = """
+    SELECT EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND objsubid = 1
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND classid = (%s::bigint)::oid AND objid = (%s::bigint)::oid
+    )
+"""
+
+
+def is_held(upload_id: uuid.UUID) -> bool:
+    """Whether a request holds the upload's lock at this moment, without waiting for it.
+
+    A reader that checks this *before* reading the row learns whether a writer that started
+    earlier may still move the offset; if none does, the row it reads next is the committed state.
+    """
+    if uses_lock_files():
+        fd = storage.open_existing_lock_file(upload_id)
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    # A bigint advisory key shows in pg_locks as its high and low 32 bits (classid, objid).
+    key = _advisory_key(upload_id) & 0xFFFF_FFFF_FFFF_FFFF
+    with connection.cursor() as cursor:
+        cursor.execute(_HELD_SQL, [key >> 32, key & 0xFFFF_FFFF])
+        return bool(cursor.fetchone()[0])
+
+
 def uses_lock_files() -> bool:
     """Whether upload locks are `flock`s on lock files (anything but PostgreSQL)."""
     return connection.vendor != "postgresql"

@@ -389,6 +389,22 @@ def upload_confirm_last_chunk(
     return upload
 
 
+def upload_for_resume(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
+    """The caller's upload as a client about to resume it must see it (tus HEAD, TUS.md C7).
+
+    When no request is writing to it, that is the row as read: one lock check, made before the
+    read so that a writer which started earlier is seen, then one read. Otherwise (a writer holds
+    it, perhaps on a half-open connection, or a crashed finalize is owed) see `upload_settle`.
+    """
+    try:
+        busy = locks.is_held(uuid.UUID(str(upload_id)))
+    except ValueError:
+        busy = False  # not an id at all: the lookup answers 404
+    upload = selectors.upload_get_for_user(user=user, upload_id=upload_id)
+    owed = upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final
+    return upload_settle(upload=upload) if busy or owed else upload
+
+
 def upload_settle(*, upload: UploadSession) -> UploadSession:
     """The upload's committed state with no request writing to it (tus HEAD, TUS.md C7 and N7).
 

@@ -348,6 +348,16 @@ def open_lock_file(upload_id: uuid.UUID) -> int:
         _raise_storage_error(exc)
 
 
+def open_existing_lock_file(upload_id: uuid.UUID) -> int | None:
+    """An fd on the upload's lock file if it exists (a reader's look never creates one)."""
+    try:
+        return os.open(lock_path(upload_id), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _raise_storage_error(exc)
+
+
 def release_path(upload_id: uuid.UUID) -> Path:
     return partial_dir() / f"{uuid.UUID(str(upload_id)).hex}{RELEASE_SUFFIX}"
 

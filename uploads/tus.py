@@ -288,7 +288,7 @@ class TusUploadView(TusView):
         return selectors.upload_get_for_user(user=self.request.user, upload_id=pk)
 
     def head(self, request: Request, pk: str) -> HttpResponse:
-        upload = services.upload_settle(upload=self._upload(pk))
+        upload = services.upload_for_resume(user=request.user, upload_id=pk)
         if selectors.upload_effective_status(upload) in (Status.EXPIRED, Status.FAILED):
             raise UploadGone(f"The upload is {selectors.upload_effective_status(upload)}; start a new one.")
         response = HttpResponse(status=200)
