@@ -36,7 +36,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) bench/upload_speed.py
+	$(PY) bench/compare.py $(BENCH_ARGS)
 
 # Load with chaos (RELIABILITY.md M1/M2), not part of `make test`: 200 concurrent uploads over REST and tus
 # on PostgreSQL + its own Redis + gunicorn, a worker SIGKILLed every 10 s, Redis restarted every 30 s.

@@ -39,7 +39,7 @@ GiB = 1024 * MiB
 # 3-4 s into a request (the arbiter checks heartbeats once a second). At 256 KiB/s that is less than
 # one block (UPLOADS_BLOCK_SIZE, 1 MiB): only the commit interval (UPLOADS_COMMIT_INTERVAL, 1 s)
 # saves progress, about 0.75 MiB an attempt, so 2 MiB takes three or four; eight leave room for a
-# loaded machine. The server runs with the default block size and commit interval.
+# loaded machine. The server runs with 1 MiB blocks (SLOW_ENV) and the default commit interval.
 TIMEOUT = 3
 SYNC_RATE = 256 * KiB  # bytes per second
 SYNC_SIZE = 2 * MiB
@@ -47,7 +47,8 @@ MAX_ATTEMPTS = 8
 GTHREAD_RATE = MiB
 GTHREAD_SIZE = 2 * TIMEOUT * GTHREAD_RATE  # one chunk lasting twice the timeout
 PIECE = 16 * KiB  # the client writes this much, then sleeps to keep to its rate
-SLOW_ENV = {"UPLOADS_TEST_HOOKS": "1"}
+# 1 MiB blocks, the size that showed the livelock (the default is smaller now).
+SLOW_ENV = {"UPLOADS_TEST_HOOKS": "1", "UPLOADS_BLOCK_SIZE": str(MiB)}
 
 # J5: the largest growth of a worker's resident memory accepted while it serves 1 GiB. Streaming
 # holds a block or two (FileResponse reads 64 KiB at a time; gunicorn may sendfile() it outright);

@@ -52,6 +52,9 @@ from .validation import BIGINT_MAX, ChunkDigest, clean_filename, parse_checksum
 logger = logging.getLogger(__name__)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# Blocks up to this size are hashed in the request's own thread: handing one to the hashing thread
+# costs more than it saves (issue 6, measured with bench/compare.py).
+INLINE_HASH_BYTES = 256 * 1024
 # The display name of a tus upload whose client sent no `filename` or `name` metadata.
 UNNAMED = "unnamed"
 
@@ -259,6 +262,10 @@ class _Append:
     def write(self, block: bytes) -> None:
         if self.running is None:
             self.writer.write(block)
+            return
+        if len(block) <= INLINE_HASH_BYTES:
+            self.writer.write(block)
+            self.running.update(block)
             return
         # Hash the block on another core while this thread writes it: both release the GIL, and
         # hashing inline would add a sixth to the time of a large upload (issue 6, py-spy).
