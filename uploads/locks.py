@@ -89,19 +89,19 @@ def _advisory_lock(
 @contextmanager
 def _file_lock(upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None) -> Iterator[None]:
     fd = storage.open_lock_file(upload_id)
-
-    def try_acquire() -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
     try:
-        _wait(try_acquire, timeout, ask_release)
+        _wait(lambda: _try_flock(fd, fcntl.LOCK_EX), timeout, ask_release)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 _HELD_SQL = """
@@ -125,12 +125,9 @@ def is_held(upload_id: uuid.UUID) -> bool:
         if fd is None:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
+            return not _try_flock(fd, fcntl.LOCK_SH)
         finally:
-            os.close(fd)
+            os.close(fd)  # and with it the shared lock, if it was granted
     # A bigint advisory key shows in pg_locks as its high and low 32 bits (classid, objid).
     key = _advisory_key(upload_id) & 0xFFFF_FFFF_FFFF_FFFF
     with connection.cursor() as cursor:
