@@ -81,6 +81,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -873,6 +874,19 @@ def unique_name(key: str, ctx: Context, index: int = 0) -> str:
     return f"bench-{key}-{ctx.run}-{index}-{uuid.uuid4().hex[:8]}.bin"
 
 
+@contextmanager
+def one_upload(server: Server, ctx: Context, uploads: list[Upload], key: str, size: int):
+    """A kept-alive client and a new upload of `size` bytes on it (recorded for deletion); the
+    client is closed afterwards."""
+    client = Client(server.port, ctx.timeout)
+    try:
+        upload = server.protocol.create(client, size, unique_name(key, ctx))
+        uploads.append(upload)
+        yield client, upload
+    finally:
+        client.close()
+
+
 @dataclass
 class ChunkedUpload(Workload):
     """One upload of `size` bytes in `chunk`-byte requests on one kept-alive connection (a, b, c, f)."""
@@ -894,17 +908,12 @@ class ChunkedUpload(Workload):
 
     def run(self, server: Server, ctx: Context, uploads: list[Upload]) -> dict:
         deadline = time.monotonic() + self.deadline_seconds()
-        client = Client(server.port, ctx.timeout)
-        try:
-            upload = server.protocol.create(client, self.size, unique_name(self.key, ctx))
-            uploads.append(upload)
+        with one_upload(server, ctx, uploads, self.key, self.size) as (client, upload):
             with Meter(server) as meter:
                 latencies = upload_chunks(server, client, upload, self.chunk, ctx.block, deadline)
             complete_after = server.verify(client, upload, content_sha256(ctx.block, self.size, self.unit()),
                                            deadline + 60)
             connects = client.connects
-        finally:
-            client.close()
         return {
             **meter.figures(self.size),
             "mb_s": self.size / meter.seconds / 1e6,
@@ -982,10 +991,7 @@ class Lookups(Workload):
 
     def run(self, server: Server, ctx: Context, uploads: list[Upload]) -> dict:
         deadline = time.monotonic() + self.deadline_seconds()
-        client = Client(server.port, ctx.timeout)
-        try:
-            upload = server.protocol.create(client, self.size, unique_name(self.key, ctx))
-            uploads.append(upload)
+        with one_upload(server, ctx, uploads, self.key, self.size) as (client, upload):
             half = self.size // 2
             server.protocol.write(client, upload, 0, half, memoryview(ctx.block)[:half])
             latencies = []
@@ -999,8 +1005,6 @@ class Lookups(Workload):
                         raise BenchError(f"look-up said offset {offset}, not {half}")
                     latencies.append(seconds)
             reconnects = client.connects - connects_before
-        finally:
-            client.close()
         figures = meter.figures(0)
         return {"seconds": meter.seconds, "lookups_s": self.count / meter.seconds,
                 "server_cpu_ms_per_lookup": meter.cpu / self.count * 1000,
