@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -285,8 +286,16 @@ def _assert_preflight_passed(tus_page: TusPage, url: str, method: str, headers: 
     assert answer.get("access-control-max-age") == "86400", preflight
 
 
-def _access_log(server, method: str) -> list[str]:
-    return [line for line in server.output().splitlines() if f'"{method} /files/' in line]
+def _access_log(server, method: str, *, expect: int = 0) -> list[str]:
+    """The access-log lines of `method` requests to /files/. gunicorn writes a line after the
+    response is sent, so the browser may be done before the line is: wait (5 s at most) for
+    `expect` of them."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in server.output().splitlines() if f'"{method} /files/' in line]
+        if len(lines) >= expect or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 # --- Tests ----------------------------------------------------------------------------------------
@@ -319,7 +328,7 @@ def test_browser_upload_from_an_allowed_origin(start_gunicorn, open_page, tmp_pa
                              {"authorization", "tus-resumable", "upload-length", "upload-metadata"})
     _assert_preflight_passed(tus_page, result["url"], "PATCH",
                              {"authorization", "tus-resumable", "upload-offset", "content-type"})
-    assert len(_access_log(server, "OPTIONS")) == len(tus_page.preflights) == 2, tus_page.explain("plain")
+    assert len(_access_log(server, "OPTIONS", expect=2)) == len(tus_page.preflights) == 2, tus_page.explain("plain")
     assert tus_page.cors_errors == [], tus_page.explain("plain")
     network_patches = tus_page.network_responses("PATCH")
     assert [r["status"] for r in network_patches] == [204] * 4, tus_page.explain("plain")
@@ -431,7 +440,7 @@ def test_browser_upload_from_a_disallowed_origin_is_blocked(start_gunicorn, open
         assert "access-control-allow-origin" not in preflight["response_headers"], preflight
     # Chromium's own verdict on both attempts (the first and its one retry), and what it logged.
     assert tus_page.cors_errors == ["PreflightMissingAllowOriginHeader"] * 2, tus_page.explain("blocked")
-    assert len(_access_log(server, "OPTIONS")) == 2, server.output()
+    assert len(_access_log(server, "OPTIONS", expect=2)) == 2, server.output()
     assert _access_log(server, "POST") == [], "the browser sent the POST despite the preflight:\n" + server.output()
     assert any("blocked by CORS policy" in c and "No 'Access-Control-Allow-Origin' header" in c
                for c in tus_page.console), tus_page.explain("blocked")
