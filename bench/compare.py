@@ -22,6 +22,10 @@ file system):
   UPLOADS_BLOCK_SIZE). One gunicorn serves both: tus (POST /files/, PATCH) and REST
   (POST /api/uploads/, PUT with Content-Range), with `Authorization: Token`.
 - project-tus-nofsync: a second gunicorn with UPLOADS_FSYNC=0, for the 64 KiB workload only.
+- project-tus-base: only with `--baseline DIR`: the project's tus endpoint served from another
+  checkout (e.g. `git worktree add /tmp/base main`) with the same settings and database, to A/B a
+  change within one run (the two trees must share the database schema). The JSON summary then
+  also has every server's paired ratio to it (`x_project-tus-base`).
 
 Workloads (sizes with --quick in brackets):
 - seq8m (a): 1 GiB [64 MiB] in 8 MiB chunks, one upload, one kept-alive connection.
@@ -99,7 +103,8 @@ TUS_NODE_CACHE = Path.home() / ".cache" / "resumable-uploads" / "bench-tus-node"
 TUS_NODE_FILES = ("package.json", "package-lock.json", "server.mjs")
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 SECRET_KEY = "bench-compare-secret-key-not-for-production-0123456789abcdef"
-SERVER_NAMES = ("raw", "raw-fsync", "tus-node", "project-tus", "project-rest", "project-tus-nofsync")
+SERVER_NAMES = ("raw", "raw-fsync", "tus-node", "project-tus", "project-rest", "project-tus-nofsync",
+                "project-tus-base")
 
 
 def log(message: str) -> None:
@@ -669,11 +674,11 @@ class Project:
             "accesslog = None\n"
         )
 
-    def gunicorn(self, name: str, fsync: bool) -> Service:
+    def gunicorn(self, name: str, fsync: bool, root: Path = ROOT) -> Service:
         port = free_port()
         env = self.env(BIND=f"127.0.0.1:{port}", UPLOADS_FSYNC="1" if fsync else "0")
         command = [sys.executable, "-m", "gunicorn", "-c", str(self.work / "gunicorn_bench.py"), "project.wsgi"]
-        service = Service(name, command, ROOT, env, self.work / f"{name}.log", port)
+        service = Service(name, command, root, env, self.work / f"{name}.log", port)
         self.services.append(service)
         return service
 
@@ -1013,7 +1018,7 @@ class Lookups(Workload):
                 **latency_figures(latencies)}
 
 
-PROJECT = ("project-tus", "project-rest")
+PROJECT = ("project-tus", "project-rest", "project-tus-base")  # the last only with --baseline
 EVERYONE = ("raw", "raw-fsync", "tus-node", *PROJECT)
 
 
@@ -1101,6 +1106,10 @@ class Bench:
                 nofsync = self.project.gunicorn("project-nofsync", fsync=False)
                 self.servers["project-tus-nofsync"] = ProjectServer(
                     "project-tus-nofsync", nofsync, Tus(auth), self.project, fsync=False)
+            if "project-tus-base" in names:
+                base = self.project.gunicorn("project-base", fsync=True, root=Path(args.baseline).resolve())
+                self.servers["project-tus-base"] = ProjectServer(
+                    "project-tus-base", base, Tus(auth), self.project, fsync=True)
         for server in self.servers.values():
             server.start()
             self.warm_up(server)
@@ -1218,8 +1227,9 @@ def summarise(results: list[Result], chosen: list[Workload]) -> dict:
                 if not values:
                     continue
                 entry = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-                for reference in REFERENCES:
-                    entry[f"x_{reference}"] = paired_ratio(runs, by_server.get(reference, {}), metric)
+                for reference in (*REFERENCES, "project-tus-base"):
+                    if reference in by_server or reference in REFERENCES:
+                        entry[f"x_{reference}"] = paired_ratio(runs, by_server.get(reference, {}), metric)
                 table[server][metric] = entry
         summary[workload.key] = table
     return summary
@@ -1322,6 +1332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra environment variable for the project's gunicorn (repeatable), "
                         "e.g. UPLOADS_BLOCK_SIZE=65536")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also serve project-tus from this checkout (project-tus-base), to A/B a change")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for the project (default 2)")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker (default 8)")
     parser.add_argument("--timeout", type=float, default=120, help="socket timeout in seconds (default 120)")
@@ -1357,6 +1369,10 @@ def select(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
     if unknown:
         raise SystemExit(f"unknown server(s): {', '.join(sorted(unknown))}")
     needed = {name for w in chosen for name in w.servers}
+    if not args.baseline:
+        if "project-tus-base" in args.servers.split(","):
+            raise SystemExit("project-tus-base needs --baseline DIR")
+        needed.discard("project-tus-base")
     return chosen, [name for name in SERVER_NAMES if name in names and name in needed]
 
 
