@@ -398,9 +398,9 @@ def test_b7_none_from_the_cache_is_never_read_as_offset_0(answer, settings, monk
 
 
 def _suite_on_postgresql() -> bool:
-    from django.conf import settings
+    from django.db import connection
 
-    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    return connection.vendor == "postgresql"
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_environment_overrides():
         ALLOWED_HOSTS="a.example, b.example", UPLOADS_MAX_SIZE="1024", UPLOADS_FSYNC="0",
         UPLOADS_COMMIT_INTERVAL="0.5",
     )
-    assert engine == "django.db.backends.postgresql"
+    assert engine == "project.postgresql"  # Django's, with a health check without a round trip
     assert (redis, uploads_redis) == ("redis://cache:6379/4", "redis://cache:6379/5")
     assert debug is True and hosts == ["a.example", "b.example"]
     assert (max_size, fsync, interval) == (1024, False, 0.5)
