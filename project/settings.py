@@ -128,10 +128,13 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # The same backend, with a health check that needs no round trip (see its docstring).
     DATABASES["default"]["ENGINE"] = "project.postgresql"
-    # Parameters bound by the server, so psycopg prepares each hot query once per connection (after
-    # 5 uses) instead of PostgreSQL parsing and planning it on every request: the offset look-up's
-    # p50 dropped 13 % (bench/README.md).
-    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+    if env_bool("DATABASE_PREPARED_STATEMENTS", True):
+        # Parameters bound by the server, and each query prepared once it has run 5 times on a
+        # connection, so PostgreSQL stops parsing and planning the hot queries on every request:
+        # its CPU per request halved and the offset look-up's p50 fell ~15 % (bench/README.md).
+        # Behind PgBouncer in transaction mode this needs PgBouncer >= 1.21 with
+        # max_prepared_statements set, or DATABASE_PREPARED_STATEMENTS=0.
+        DATABASES["default"].setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {}).update(

@@ -50,3 +50,19 @@ def test_environment_overrides():
     assert (redis, uploads_redis) == ("redis://cache:6379/4", "redis://cache:6379/5")
     assert debug is True and hosts == ["a.example", "b.example"]
     assert (max_size, fsync, interval) == (1024, False, 0.5)
+
+
+def test_postgresql_prepares_hot_queries_unless_turned_off():
+    probe = "import json; from django.conf import settings as s; print(json.dumps(s.DATABASES['default'].get('OPTIONS', {})))"
+
+    def options(**env: str) -> dict:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "UPLOADS_"))}
+        output = subprocess.run(
+            [sys.executable, "-c", probe], cwd=ROOT, check=True, capture_output=True, text=True,
+            env={**clean, "DJANGO_SETTINGS_MODULE": "project.settings",
+                 "DATABASE_URL": "postgres://u@db.example:5432/x", **env},
+        ).stdout
+        return json.loads(output.strip().splitlines()[-1])
+
+    assert options() == {"server_side_binding": True, "prepare_threshold": 5}
+    assert options(DATABASE_PREPARED_STATEMENTS="0") == {}  # e.g. behind an old PgBouncer
