@@ -18,20 +18,12 @@ import hashlib
 import threading
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 
 # Enough for every upload a worker is likely to be serving; an entry is a few hundred bytes.
 MAX_ENTRIES = 4096
 
 _lock = threading.Lock()
 _digests: OrderedDict[uuid.UUID, tuple[int, hashlib._Hash]] = OrderedDict()
-# hashlib releases the GIL while it hashes a large buffer, so these threads use another core.
-_hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uploads-sha256")
-
-
-def hash_in_background(digest: hashlib._Hash, block: bytes) -> Future:
-    """Feed `block` to `digest` on a hashing thread; wait on the result before the next block."""
-    return _hashers.submit(digest.update, block)
 
 
 def resume(upload_id: uuid.UUID, offset: int) -> hashlib._Hash | None:

@@ -68,6 +68,7 @@ class BodyStream:
         self._finished = False
         self._piece_started: float | None = None
         self._error: Exception | None = None
+        self._hand_over_after = conf.COMMIT_INTERVAL  # read once: `read` runs for every block
         self._mutex = threading.Lock()
         self.interrupted = False  # by a newer request for the upload
         self.cut_off = False  # for making no progress
@@ -79,7 +80,7 @@ class BodyStream:
         pieces = []
         began = time.monotonic()
         while size > 0 and not (self.interrupted or self.cut_off):
-            if pieces and time.monotonic() - began >= conf.COMMIT_INTERVAL:
+            if pieces and time.monotonic() - began >= self._hand_over_after:
                 # A slow body: hand over what arrived, so the engine commits it on time. Else a
                 # client slower than a block per worker timeout would never get past one block.
                 break
