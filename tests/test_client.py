@@ -351,7 +351,7 @@ def test_checksum_mismatch_is_a_permanent_error(gunicorn_server, token, tmp_path
     the server finds the whole file does not match (422) and the CLI says so."""
     path, data = write_file(tmp_path, "photo.raw", 16 * MiB)
     start_and_kill(gunicorn_server, token, path, "--no-checksum")
-    path.write_bytes(b"X" + data[1:])
+    path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # surely changed (b"X" was data[0] 1 time in 256)
 
     result = run_cli("upload", str(path), "--server", gunicorn_server.url, token=token)
     assert result.returncode == 1
