@@ -5,10 +5,10 @@ import uuid
 from datetime import datetime
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.core.exceptions import ValidationError
 from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
+from . import rows
 from .exceptions import UploadNotFound
 from .models import Protocol, Status, UploadSession
 
@@ -18,12 +18,23 @@ def uploads_for_user(*, user: AbstractBaseUser) -> QuerySet[UploadSession]:
 
 
 def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
-    """The caller's upload; another user's upload is "not found", so ids leak nothing (RELIABILITY K1)."""
+    """The caller's upload; another user's upload is "not found", so ids leak nothing (RELIABILITY K1).
+
+    Every chunk and look-up starts here, so the statement is composed once (`rows`).
+    """
     try:
-        return uploads_for_user(user=user).get(pk=upload_id)
-    except (UploadSession.DoesNotExist, ValidationError, ValueError, TypeError) as exc:
-        # ValidationError: Django's answer to an id that is not a UUID at all.
-        raise UploadNotFound() from exc
+        upload_id = upload_id if isinstance(upload_id, uuid.UUID) else uuid.UUID(str(upload_id))
+    except ValueError as exc:
+        raise UploadNotFound() from exc  # not an id at all
+    upload = rows.get(UploadSession, pk=upload_id, owner=user.pk)
+    if upload is None:
+        raise UploadNotFound()
+    return upload
+
+
+def upload_reload(upload: UploadSession) -> None:
+    """Read the upload's row again into `upload` (`refresh_from_db`, composed once: see `rows`)."""
+    rows.reload(upload)
 
 
 def upload_partial_by_name(*, user: AbstractBaseUser, filename: str, size: int) -> UploadSession | None:

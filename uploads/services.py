@@ -25,7 +25,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import digests, locks, progress, selectors, storage
+from . import digests, locks, progress, rows, selectors, storage
 from .conf import conf
 from .exceptions import (
     ChecksumMismatch,
@@ -305,7 +305,7 @@ def upload_append(
     is all or nothing: it is verified before anything is committed.
     """
     with locks.upload_lock(upload.pk):
-        upload.refresh_from_db()
+        selectors.upload_reload(upload)
         if upload.concat_final:
             raise FinalNotWritable()
         _check_writable(upload)
@@ -417,7 +417,7 @@ def upload_settle(*, upload: UploadSession) -> UploadSession:
     if upload.status != Status.PARTIAL:
         return upload
     with locks.upload_lock(upload.pk):
-        upload.refresh_from_db()
+        selectors.upload_reload(upload)
         if upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final:
             try:
                 _finalize(upload)
@@ -548,8 +548,11 @@ def _commit_offset(upload: UploadSession, *, old: int, new: int) -> None:
     now = timezone.now()
     expires_at = now + conf.EXPIRY
     # One conditional UPDATE is atomic by itself: no BEGIN/COMMIT round trips on the hot path.
-    updated = UploadSession.objects.filter(pk=upload.pk, offset=old, status=Status.PARTIAL).update(
-        offset=new, updated_at=now, expires_at=expires_at
+    # Composed once (`rows`): it runs at every commit of every chunk.
+    updated = rows.update(
+        UploadSession,
+        values={"offset": new, "updated_at": now, "expires_at": expires_at},
+        where={"pk": upload.pk, "offset": old, "status": Status.PARTIAL},
     )
     if updated != 1:
         _raise_fenced(upload)
