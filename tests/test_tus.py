@@ -350,6 +350,22 @@ def test_A1_every_response_carries_tus_resumable(api, settings):
         assert response["Tus-Resumable"] == TUS_VERSION, status
 
 
+@pytest.mark.parametrize("accept", ["text/html", "application/xml", "image/*;q=0.9", "nonsense"])
+def test_any_accept_header_is_served_and_errors_stay_json(api, accept):
+    """tus answers in headers: whatever `Accept` says (a browser sends text/html), the request is
+    served as tusd serves it, never refused with 406; an error's body is still JSON."""
+    created = create(api, 5, HTTP_ACCEPT=accept)
+    assert created.status_code == 201, created.content
+    url = path_of(created)
+    assert patch(api, url, b"abc", 0, HTTP_ACCEPT=accept).status_code == 204
+    looked = head(api, url, HTTP_ACCEPT=accept)
+    assert (looked.status_code, looked["Upload-Offset"]) == (200, "3")
+    refused = patch(api, url, b"x", 0, HTTP_ACCEPT=accept)
+    assert refused.status_code == 409 and refused["Upload-Offset"] == "3"
+    assert refused["Content-Type"] == "application/json" and refused.json()["code"]
+    assert delete(api, url, HTTP_ACCEPT=accept).status_code == 204
+
+
 @pytest.mark.parametrize("version", ["0.2.2", "2.0.0", "1.0", "1.0.0-rc", ""])
 def test_A2_unsupported_version_gets_412_and_changes_nothing(api, version):
     """A2: POST, PATCH and DELETE naming another version: 412 with `Tus-Version`, nothing created,

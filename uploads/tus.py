@@ -18,6 +18,7 @@ from django.urls import Resolver404, get_script_prefix, resolve, reverse
 from django.utils.http import http_date
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions as drf_exceptions
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.permissions import BasePermission
 from rest_framework.renderers import JSONRenderer
@@ -90,6 +91,17 @@ class OffsetStreamParser(BaseParser):
         raise drf_exceptions.ParseError("tus bodies are streamed, not parsed.")
 
 
+class TusContentNegotiation(DefaultContentNegotiation):
+    """tus answers in headers, whatever the client accepts (its error bodies are JSON, for people).
+
+    DRF's negotiation turned a creation or a HEAD sent with `Accept: text/html` (a browser's
+    default, and some HTTP libraries') into 406, which no tus client expects and tusd never sends.
+    """
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """The REST API's JSON errors, with tus status codes and headers."""
     request = context["request"]
@@ -136,6 +148,7 @@ class TusView(APIView):
     permission_classes = [TusPermission]
     parser_classes = [OffsetStreamParser]
     renderer_classes = [JSONRenderer]
+    content_negotiation_class = TusContentNegotiation
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self._check_version(request)
