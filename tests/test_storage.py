@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -127,6 +129,46 @@ def test_writer_appends_at_the_offset(partial, upload_id):
     with storage.PartialWriter(upload_id, 11) as writer:
         writer.write(b"!")
     assert partial.read_bytes() == b"hello world!"
+
+
+def cached_bytes(path: Path) -> int:
+    """How much of the file is in the page cache (util-linux's fincore, i.e. mincore(2))."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip())
+
+
+requires_fincore = pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux's fincore")
+
+
+@requires_fincore
+@pytest.mark.parametrize("drop", [True, False])
+def test_sync_drops_the_durable_pages_from_the_cache_only_when_asked(partial, upload_id, settings, drop):
+    settings.UPLOADS_FSYNC = True
+    block = os.urandom(1 << 20)
+    with storage.PartialWriter(upload_id, 0) as writer:
+        for _ in range(4):
+            writer.write(block)
+        writer.sync(drop_cached=drop)
+        first = cached_bytes(partial)
+        writer.write(block)  # then the next commit's bytes: only they were cached since
+        writer.sync(drop_cached=drop)
+    if drop:
+        assert first < 64 * 1024 and cached_bytes(partial) < 64 * 1024
+    else:
+        assert first >= 4 << 20
+    assert partial.read_bytes() == block * 5  # dropped from memory, never from the file
+
+
+@requires_fincore
+def test_without_fsync_nothing_is_dropped(partial, upload_id, settings):
+    # Unsynced pages are dirty: dropping them would only start their write-back early.
+    settings.UPLOADS_FSYNC = False
+    with storage.PartialWriter(upload_id, 0) as writer:
+        writer.write(os.urandom(2 << 20))
+        writer.sync(drop_cached=True)
+    assert cached_bytes(partial) >= 2 << 20
 
 
 def test_writer_truncates_an_unacknowledged_tail(partial, upload_id):

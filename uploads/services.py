@@ -270,7 +270,8 @@ class _Append:
         """fsync the bytes written so far, then record them (DB, then Redis, then the digest)."""
         if self.writer.position == self.committed:
             return
-        self.writer.sync()
+        # With the running digest kept, nothing reads these bytes again before they are moved.
+        self.writer.sync(drop_cached=self.running is not None)
         crash_point("after_fsync")
         _commit_offset(self.upload, old=self.committed, new=self.writer.position)
         self.committed = self.writer.position
