@@ -382,6 +382,28 @@ def test_append_renews_the_expiry(settings, user):
 
 
 @pytest.mark.django_db
+def test_long_chunks_hashed_on_the_helper_thread_record_the_files_sha(settings, user):
+    # Bodies longer than a batch are hashed on a helper thread (digests.Running), settled at each
+    # commit; a chunk cut off part-way keeps its committed prefix, and the digest still matches.
+    settings.UPLOADS_BLOCK_SIZE = 64 * KiB
+    settings.UPLOADS_COMMIT_BYTES = 1 * MiB
+    data = source(5 * MiB + 12_345)
+    upload = create(user, data)
+    upload = append(upload, data, 0, 2 * MiB + 7)
+    with pytest.raises(IncompleteBody) as excinfo:
+        services.upload_append(
+            upload=upload, offset=upload.offset, stream=BrokenStream(data[upload.offset:], 2 * MiB + 100),
+            length=len(data) - upload.offset,
+        )
+    committed = excinfo.value.extra()["offset"]
+    assert 2 * MiB + 7 < committed <= 4 * MiB + 107
+    upload = append(UploadSession.objects.get(pk=upload.pk), data, committed)
+    assert upload.status == Status.COMPLETE
+    assert upload.sha256 == hashlib.sha256(data).hexdigest()
+    assert_invariants(upload, data, acked=len(data))
+
+
+@pytest.mark.django_db
 def test_empty_append_changes_nothing(user):
     data = source(1000)
     upload = create(user, data)

@@ -253,15 +253,13 @@ class _Append:
     writer: storage.PartialWriter
     committed: int
     # The SHA-256 of every byte written so far, when this worker held the upload's digest.
-    running: hashlib._Hash | None = None
+    running: digests.Running | None = None
     last_commit_at: float = field(default_factory=time.monotonic)
     # Read once per request, not per block: every block of every chunk passes through `due`.
     commit_bytes: int = field(default_factory=lambda: conf.COMMIT_BYTES)
     commit_interval: float = field(default_factory=lambda: conf.COMMIT_INTERVAL)
 
     def write(self, block: bytes) -> None:
-        # Hashed inline: at OpenSSL's ~1.4 GB/s a 64 KiB block costs less than handing it to a
-        # hashing thread (measured both ways for issue 6, bench/README.md).
         self.writer.write(block)
         if self.running is not None:
             self.running.update(block)
@@ -277,7 +275,7 @@ class _Append:
         self.committed = self.writer.position
         self.last_commit_at = time.monotonic()
         if self.running is not None:
-            digests.record(self.upload.pk, self.committed, self.running)
+            digests.record(self.upload.pk, self.committed, self.running.settled())
 
     def due(self) -> bool:
         return (
@@ -449,10 +447,13 @@ def _write(
     refused (413) and its unacknowledged tail dropped, so nothing lands past the upload's size.
     """
     hasher = hashlib.new(digest.algorithm) if digest else None
-    with storage.PartialWriter(upload.pk, upload.offset) as writer:
+    with (
+        storage.PartialWriter(upload.pk, upload.offset) as writer,
+        digests.running(upload.pk, upload.offset) as running,
+    ):
         start = upload.offset
         end = start + length if length is not None else limit
-        state = _Append(upload=upload, writer=writer, committed=start, running=digests.resume(upload.pk, start))
+        state = _Append(upload=upload, writer=writer, committed=start, running=running)
         block_size = conf.BLOCK_SIZE
         crash_point("before_write")
         try:
