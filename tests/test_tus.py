@@ -353,7 +353,7 @@ def test_A1_every_response_carries_tus_resumable(api, settings):
 @pytest.mark.parametrize("accept", ["text/html", "application/xml", "image/*;q=0.9", "nonsense"])
 def test_any_accept_header_is_served_and_errors_stay_json(api, accept):
     """tus answers in headers: whatever `Accept` says (a browser sends text/html), the request is
-    served as tusd serves it, never refused with 406; an error's body is still JSON."""
+    served as tusd serves it, never refused with 406; an error's body is still JSON (docs/tus.md)."""
     created = create(api, 5, HTTP_ACCEPT=accept)
     assert created.status_code == 201, created.content
     url = path_of(created)
