@@ -33,7 +33,8 @@ def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -
 
 
 def upload_reload(upload: UploadSession) -> None:
-    """Read the upload's row again into `upload` (`refresh_from_db`, composed once: see `rows`)."""
+    """Read the upload's row again into `upload`: `refresh_from_db`, composed once (see `rows`).
+    The engine's one way to re-read, under the lock on every chunk and after its own writes."""
     rows.reload(upload)
 
 

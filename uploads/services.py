@@ -197,7 +197,7 @@ def _resumable(*, owner: AbstractBaseUser, filename: str, size: int, checksum: s
         return None
     if existing.expires_at is not None and existing.expires_at <= timezone.now():
         upload_expire(upload=existing)  # skipped if a request is writing to it right now
-        existing.refresh_from_db()
+        selectors.upload_reload(existing)
         if existing.status != Status.PARTIAL:
             return None
     if checksum and existing.checksum and existing.checksum != checksum:
@@ -371,7 +371,7 @@ def upload_confirm_last_chunk(
     client gets the success it missed. Anything else (a writer that lost the race for the last
     bytes with other bytes, a chunk from the middle) is told the upload is complete (409).
     """
-    upload.refresh_from_db()
+    selectors.upload_reload(upload)
     ends_at_size = length is None or offset + length == upload.size
     if not (
         upload.status == Status.COMPLETE
@@ -424,7 +424,7 @@ def upload_settle(*, upload: UploadSession) -> UploadSession:
                 pass  # _finalize failed the upload and recorded why
             except DataLost as exc:
                 _fail(upload, exc.detail)
-            upload.refresh_from_db()
+            selectors.upload_reload(upload)
     return upload
 
 
@@ -667,7 +667,7 @@ def _finalize(upload: UploadSession) -> None:
             _raise_fenced(upload)
         transaction.on_commit(lambda: progress.record(upload, upload.size))
     crash_point("finalize_after_commit")
-    upload.refresh_from_db()
+    selectors.upload_reload(upload)
     logger.info("upload %s complete: %s (%d bytes)", upload.pk, upload.filename, upload.size)
 
 
@@ -686,7 +686,7 @@ def _fail(upload: UploadSession, reason: str, *, final_name: str = "") -> None:
         status=Status.FAILED, error=reason[:255], updated_at=now, expires_at=None
     )
     progress.forget(upload)
-    upload.refresh_from_db()
+    selectors.upload_reload(upload)
     logger.warning("upload %s failed: %s", upload.pk, reason)
 
 
@@ -707,7 +707,7 @@ def upload_delete(*, upload: UploadSession) -> None:
 def upload_abort(*, upload: UploadSession, reason: str = "Aborted.") -> UploadSession:
     """Stop an unfinished upload: its partial file goes, the row stays as failed (for the record)."""
     with locks.upload_lock(upload.pk):
-        upload.refresh_from_db()
+        selectors.upload_reload(upload)
         if upload.status == Status.PARTIAL:
             _fail(upload, reason)
     return upload
@@ -724,7 +724,7 @@ def _expire_locked(upload: UploadSession) -> None:
         status=Status.EXPIRED, updated_at=timezone.now()
     )
     progress.forget(upload)
-    upload.refresh_from_db()
+    selectors.upload_reload(upload)
 
 
 def upload_expire(*, upload: UploadSession) -> bool:
@@ -734,7 +734,7 @@ def upload_expire(*, upload: UploadSession) -> bool:
     """
     try:
         with locks.upload_lock(upload.pk, timeout=0, ask_release=False):
-            upload.refresh_from_db()
+            selectors.upload_reload(upload)
             expirable = upload.status == Status.PARTIAL or (
                 upload.status == Status.COMPLETE and upload.concat_partial
             )
