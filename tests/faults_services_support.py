@@ -67,8 +67,13 @@ class RedisServer:
 
     def client(self, db: int, timeout: float = 2.0):
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # No retries: redis-py 6+ retries a failed command 3 times with back-off by default, so a
+        # probe of a killed server would stall for seconds instead of answering "down" at once.
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def _ping(self) -> bool:
         try:
