@@ -17,6 +17,7 @@ from django.db import connection
 
 from uploads import locks, storage
 from uploads.exceptions import UploadBusy
+from uploads.models import UploadSession
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,6 +93,60 @@ def test_is_held_tells_whether_another_request_holds_the_upload():
     assert not locks.is_held(upload_id)
     with locks.upload_lock(upload_id, timeout=0):
         pass
+
+
+def _upload(user, **fields) -> UploadSession:
+    return UploadSession.objects.create(owner=user, filename="a.bin", size=10, **fields)
+
+
+def test_look_and_read_tells_whether_the_lock_is_held_then_reads_the_row(user):
+    """tus HEAD's fast path in one round trip on PostgreSQL: the look, then the row as committed
+    after it (a row written before the look is seen); it never takes the lock."""
+    upload = _upload(user)
+    UploadSession.objects.filter(pk=upload.pk).update(offset=4)  # committed before the look
+    held, row = locks.look_and_read(upload.pk)
+    assert held is False and row.pk == upload.pk and row.offset == 4 and row.owner_id == user.pk
+    with Holder(upload.pk):
+        held, row = locks.look_and_read(upload.pk)
+        assert held is True and row.offset == 4
+    assert locks.look_and_read(uuid.uuid4()) == (False, None)
+    with locks.upload_lock(upload.pk, timeout=0):  # the looks did not keep the lock
+        pass
+
+
+def test_a_lock_taken_with_reload_reads_the_row_under_it(user):
+    upload = _upload(user)
+    UploadSession.objects.filter(pk=upload.pk).update(offset=7, status="failed")
+    with locks.upload_lock(upload.pk, timeout=0, reload=upload):
+        assert (upload.offset, upload.status) == (7, "failed")
+        assert locks.is_held(upload.pk)
+    assert not locks.is_held(upload.pk)
+
+
+def test_a_lock_taken_with_reload_waits_for_the_holder_then_reads_what_it_committed(user):
+    upload = _upload(user)
+    holder = Holder(upload.pk)
+    with holder:
+        UploadSession.objects.filter(pk=upload.pk).update(offset=9)  # the holder's commit
+        threading.Timer(0.2, holder.release.set).start()
+        with locks.upload_lock(upload.pk, timeout=5, ask_release=False, reload=upload):
+            assert upload.offset == 9
+
+
+def test_a_lock_taken_with_reload_of_a_deleted_row_raises_and_is_released(user):
+    upload = _upload(user)
+    UploadSession.objects.filter(pk=upload.pk).delete()
+    with pytest.raises(UploadSession.DoesNotExist):
+        with locks.upload_lock(upload.pk, timeout=0, reload=upload):
+            pytest.fail("the body ran for a row that is gone")
+    assert not locks.is_held(upload.pk)
+
+
+def test_a_busy_lock_taken_with_reload_still_times_out(user):
+    upload = _upload(user)
+    with Holder(upload.pk), pytest.raises(UploadBusy):
+        with locks.upload_lock(upload.pk, timeout=0.2, ask_release=False, reload=upload):
+            pytest.fail("two holders of one upload lock")
 
 
 def test_timeout_zero_fails_at_once_when_held():

@@ -63,6 +63,17 @@ def test_reload_of_a_deleted_row_raises(upload):
         rows.reload(upload)
 
 
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="the lock-and-read functions are PostgreSQL's")
+def test_flagged_reads_every_field_as_the_orm_does(upload, django_assert_num_queries):
+    """The functions of migration 0004 return the table's row type; `flagged` reads it field by
+    field as the ORM would, with the flag, in one statement."""
+    with django_assert_num_queries(1):
+        held, row = rows.flagged(UploadSession, "uploads_look_and_read", 12345, upload.pk)
+    assert held is False
+    assert field_values(row) == field_values(UploadSession.objects.get(pk=upload.pk))
+    assert rows.flagged(UploadSession, "uploads_look_and_read", 12345, uuid.uuid4()) is None
+
+
 def test_update_is_conditional_and_counts_rows(upload):
     now = timezone.now()
     assert rows.update(UploadSession, values={"offset": 60, "updated_at": now}, where={"pk": upload.pk, "offset": 50}) == 0

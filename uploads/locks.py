@@ -30,10 +30,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 from django.db import DatabaseError, connection
+from django.db.models import Model
 
-from . import storage
+from . import rows, storage
 from .conf import conf
 from .exceptions import UploadBusy
+from .models import UploadSession
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +67,30 @@ def _wait(try_acquire: Callable[[], bool], timeout: float, ask_release: Callable
 
 @contextmanager
 def _advisory_lock(
-    upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None
+    upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None, reload: Model | None
 ) -> Iterator[None]:
     key = _advisory_key(upload_id)
+    fresh: list[Model | None] = []
 
     def try_acquire() -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
-            return bool(cursor.fetchone()[0])
+        if reload is None:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+                return bool(cursor.fetchone()[0])
+        # The lock, then the row as committed once it is granted: one round trip (migration 0004).
+        answer = rows.flagged(type(reload), "uploads_lock_and_read", key, reload.pk)
+        if answer is None:  # granted, and the row is gone
+            fresh.append(None)
+            return True
+        granted, row = answer
+        if granted:
+            fresh.append(row)
+        return granted
 
     _wait(try_acquire, timeout, ask_release)
     try:
+        if reload is not None:
+            _reloaded(reload, fresh[0])
         yield
     finally:
         try:
@@ -87,13 +102,24 @@ def _advisory_lock(
 
 
 @contextmanager
-def _file_lock(upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None) -> Iterator[None]:
+def _file_lock(
+    upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None, reload: Model | None
+) -> Iterator[None]:
     fd = storage.open_lock_file(upload_id)
     try:
         _wait(lambda: _try_flock(fd, fcntl.LOCK_EX), timeout, ask_release)
+        if reload is not None:
+            rows.reload(reload)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _reloaded(instance: Model, fresh: Model | None) -> None:
+    if fresh is None:
+        model = type(instance)
+        raise model.DoesNotExist(f"{model.__name__} {instance.pk} no longer exists.")
+    rows.reload(instance, fresh)
 
 
 def _try_flock(fd: int, operation: int) -> bool:
@@ -112,6 +138,16 @@ _HELD_SQL = """
           AND classid = (%s::bigint)::oid AND objid = (%s::bigint)::oid
     )
 """
+
+
+def look_and_read(upload_id: uuid.UUID) -> tuple[bool, UploadSession | None]:
+    """Whether a request holds the upload's lock at this moment (see `is_held`), then its row as
+    committed after that look (None if there is none): on PostgreSQL in one round trip."""
+    if uses_lock_files():
+        held = is_held(upload_id)
+        return held, rows.get(UploadSession, pk=upload_id)
+    answer = rows.flagged(UploadSession, "uploads_look_and_read", _advisory_key(upload_id), upload_id)
+    return (False, None) if answer is None else answer
 
 
 def is_held(upload_id: uuid.UUID) -> bool:
@@ -141,16 +177,20 @@ def uses_lock_files() -> bool:
 
 
 @contextmanager
-def upload_lock(upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True) -> Iterator[None]:
+def upload_lock(
+    upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True, reload: Model | None = None
+) -> Iterator[None]:
     """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting.
 
     While waiting, the holder is asked to release (unless `ask_release` is False, e.g. cleanup,
-    which must never interrupt a client).
+    which must never interrupt a client). `reload`: an instance of the upload to read again as
+    soon as the lock is held (in the same round trip on PostgreSQL), raising DoesNotExist if its
+    row is gone.
     """
     timeout = conf.LOCK_TIMEOUT if timeout is None else timeout
     lock = _file_lock if uses_lock_files() else _advisory_lock
     asker = (lambda: storage.request_release(upload_id)) if ask_release else None
-    with lock(upload_id, timeout, asker):
+    with lock(upload_id, timeout, asker, reload):
         # Any request made before we got the lock was aimed at the previous holder: answered.
         storage.clear_release_request(upload_id)
         yield

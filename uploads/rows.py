@@ -105,10 +105,35 @@ def get(model: type[M], *, related: str | None = None, **equals: Any) -> M | Non
     return instance
 
 
-def reload(instance: Model) -> None:
-    """`refresh_from_db()` for every concrete field, in one statement composed once."""
+@functools.cache
+def _flagged_sql(model: type[Model], function: str, arity: int, vendor: str) -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(f"(f.upload).{quote(field.column)}" for field in _fields(model))
+    return f"SELECT f.flag, {columns} FROM {quote(function)}({', '.join(['%s'] * arity)}) f"
+
+
+def flagged(model: type[M], function: str, *params: Any) -> tuple[bool, M | None] | None:
+    """The one row of a database function returning `(flag boolean, upload <model's row type>)`:
+    its flag and its row as an instance (None for a NULL row), or None when it returned no row.
+
+    For the functions that take or look at a lock and then read, in one round trip (see
+    migrations/0004). Parameters are passed as they are: bigints, uuids.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_flagged_sql(model, function, len(params), connection.vendor), list(params))
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    flag, values = bool(row[0]), row[1:]
+    # A NULL row reads as all columns NULL; the primary key never is in a real one.
+    return flag, (None if values[_fields(model).index(model._meta.pk)] is None else _instance(model, values))
+
+
+def reload(instance: Model, fresh: Model | None = None) -> None:
+    """`refresh_from_db()` for every concrete field, in one statement composed once; or, given
+    `fresh` (the same row, just read by other means), without a statement."""
     model = type(instance)
-    fresh = get(model, pk=instance.pk)
+    fresh = get(model, pk=instance.pk) if fresh is None else fresh
     if fresh is None:
         raise model.DoesNotExist(f"{model.__name__} {instance.pk} no longer exists.")
     for field in _fields(model):

@@ -8,7 +8,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
-from . import rows
+from . import locks, rows
 from .exceptions import UploadNotFound
 from .models import Protocol, Status, UploadSession
 
@@ -17,19 +17,31 @@ def uploads_for_user(*, user: AbstractBaseUser) -> QuerySet[UploadSession]:
     return UploadSession.objects.filter(owner=user).order_by("-created_at")
 
 
+def _upload_id(upload_id: uuid.UUID | str) -> uuid.UUID:
+    try:
+        return upload_id if isinstance(upload_id, uuid.UUID) else uuid.UUID(str(upload_id))
+    except ValueError as exc:
+        raise UploadNotFound() from exc  # not an id at all
+
+
 def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
     """The caller's upload; another user's upload is "not found", so ids leak nothing (RELIABILITY K1).
 
     Every chunk and look-up starts here, so the statement is composed once (`rows`).
     """
-    try:
-        upload_id = upload_id if isinstance(upload_id, uuid.UUID) else uuid.UUID(str(upload_id))
-    except ValueError as exc:
-        raise UploadNotFound() from exc  # not an id at all
-    upload = rows.get(UploadSession, pk=upload_id, owner=user.pk)
+    upload = rows.get(UploadSession, pk=_upload_id(upload_id), owner=user.pk)
     if upload is None:
         raise UploadNotFound()
     return upload
+
+
+def upload_look_and_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> tuple[bool, UploadSession]:
+    """Whether a request holds the upload's lock, then the caller's upload as committed after that
+    look (`locks.look_and_read`); not found as in `upload_get_for_user`."""
+    held, upload = locks.look_and_read(_upload_id(upload_id))
+    if upload is None or upload.owner_id != user.pk:
+        raise UploadNotFound()
+    return held, upload
 
 
 def upload_reload(upload: UploadSession) -> None:

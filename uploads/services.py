@@ -303,8 +303,7 @@ def upload_append(
     what was durably received (IncompleteBody carries the new offset). With a digest the request
     is all or nothing: it is verified before anything is committed.
     """
-    with locks.upload_lock(upload.pk):
-        selectors.upload_reload(upload)
+    with locks.upload_lock(upload.pk, reload=upload):
         if upload.concat_final:
             raise FinalNotWritable()
         _check_writable(upload)
@@ -389,15 +388,12 @@ def upload_confirm_last_chunk(
 def upload_for_resume(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
     """The caller's upload as a client about to resume it must see it (tus HEAD, TUS.md C7).
 
-    When no request is writing to it, that is the row as read: one lock check, made before the
-    read so that a writer which started earlier is seen, then one read. Otherwise (a writer holds
-    it, perhaps on a half-open connection, or a crashed finalize is owed) see `upload_settle`.
+    When no request is writing to it, that is the row as read: one look at the lock, made before
+    the read so that a writer which started earlier is seen, then the read (one round trip on
+    PostgreSQL). Otherwise (a writer holds it, perhaps on a half-open connection, or a crashed
+    finalize is owed) see `upload_settle`.
     """
-    try:
-        busy = locks.is_held(uuid.UUID(str(upload_id)))
-    except ValueError:
-        busy = False  # not an id at all: the lookup answers 404
-    upload = selectors.upload_get_for_user(user=user, upload_id=upload_id)
+    busy, upload = selectors.upload_look_and_get_for_user(user=user, upload_id=upload_id)
     owed = upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final
     return upload_settle(upload=upload) if busy or owed else upload
 
@@ -415,8 +411,7 @@ def upload_settle(*, upload: UploadSession) -> UploadSession:
     """
     if upload.status != Status.PARTIAL:
         return upload
-    with locks.upload_lock(upload.pk):
-        selectors.upload_reload(upload)
+    with locks.upload_lock(upload.pk, reload=upload):
         if upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final:
             try:
                 _finalize(upload)
@@ -706,8 +701,7 @@ def upload_delete(*, upload: UploadSession) -> None:
 
 def upload_abort(*, upload: UploadSession, reason: str = "Aborted.") -> UploadSession:
     """Stop an unfinished upload: its partial file goes, the row stays as failed (for the record)."""
-    with locks.upload_lock(upload.pk):
-        selectors.upload_reload(upload)
+    with locks.upload_lock(upload.pk, reload=upload):
         if upload.status == Status.PARTIAL:
             _fail(upload, reason)
     return upload
@@ -733,8 +727,7 @@ def upload_expire(*, upload: UploadSession) -> bool:
     Skips (returns False) one that a request is writing to: cleanup never interrupts a client.
     """
     try:
-        with locks.upload_lock(upload.pk, timeout=0, ask_release=False):
-            selectors.upload_reload(upload)
+        with locks.upload_lock(upload.pk, timeout=0, ask_release=False, reload=upload):
             expirable = upload.status == Status.PARTIAL or (
                 upload.status == Status.COMPLETE and upload.concat_partial
             )
