@@ -10,6 +10,10 @@ offset is also committed with a conditional UPDATE, so a writer that lost its lo
 - Anything else (SQLite): `flock` on a per-upload lock file. Per open file description, so two
   threads of one gthread worker exclude each other too (POSIX `fcntl` locks would not).
 
+Every chunk takes the lock and then reads the row under it, and every tus HEAD looks at the lock
+and then reads the row: on PostgreSQL each pair is one round trip, through a database function
+whose second statement takes a snapshot of its own (migration 0004), so the order is kept.
+
 Release requests (TUS.md N7, tusd's `.stop` file, @tus/server's `requestRelease`): a request that
 finds the upload held asks the holder to let go, by creating a release file next to the partial
 file (so it works across workers and hosts sharing MEDIA_ROOT, and needs neither Redis nor the
