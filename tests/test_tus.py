@@ -2059,7 +2059,7 @@ def test_the_hot_path_costs_a_fixed_few_queries(api):
         with CaptureQueriesContext(connection) as queries:
             assert patch(api, url, b"x" * 64 * 1024, offset).status_code == 204
         # On SQLite the lock is a flock: no lock queries.
-        assert len(queries) == (5 if postgres else 4), [q["sql"][:80] for q in queries]
+        assert len(queries) == (4 if postgres else 3), [q["sql"][:80] for q in queries]
     with CaptureQueriesContext(connection) as queries:
         assert head(api, url)["Upload-Offset"] == str(2 * 64 * 1024)
-    assert len(queries) == 2, [q["sql"][:80] for q in queries]
+    assert len(queries) == 1, [q["sql"][:80] for q in queries]

@@ -147,11 +147,24 @@ _HELD_SQL = """
 def look_and_read(upload_id: uuid.UUID) -> tuple[bool, UploadSession | None]:
     """Whether a request holds the upload's lock at this moment (see `is_held`), then its row as
     committed after that look (None if there is none): on PostgreSQL in one round trip."""
+    return look_and_read_with(rows.together, upload_id)
+
+
+def look_and_read_with(
+    read: Callable[..., list | None], upload_id: uuid.UUID
+) -> tuple[bool, UploadSession | None] | None:
+    """`look_and_read` through `read`, a `rows.together` that may read other rows in the same
+    statement (`authentication.read_with_token`); None if `read` read nothing."""
     if uses_lock_files():
         held = is_held(upload_id)
-        return held, rows.get(UploadSession, pk=upload_id)
-    answer = rows.flagged(UploadSession, "uploads_look_and_read", _advisory_key(upload_id), upload_id)
-    return (False, None) if answer is None else answer
+        results = read(rows.Part(UploadSession, equals=(("pk", upload_id),)))
+        return None if results is None else (held, results[0])
+    part = rows.Part(UploadSession, function="uploads_look_and_read", params=(_advisory_key(upload_id), upload_id))
+    results = read(part)
+    if results is None:
+        return None
+    held, upload = results[0]
+    return bool(held), upload
 
 
 def is_held(upload_id: uuid.UUID) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.db import connection, transaction
@@ -124,9 +125,83 @@ def flagged(model: type[M], function: str, *params: Any) -> tuple[bool, M | None
         row = cursor.fetchone()
     if row is None:
         return None
-    flag, values = bool(row[0]), row[1:]
-    # A NULL row reads as all columns NULL; the primary key never is in a real one.
-    return flag, (None if values[_fields(model).index(model._meta.pk)] is None else _instance(model, values))
+    return bool(row[0]), _instance_or_none(model, row[1:])
+
+
+@dataclass(frozen=True)
+class Part:
+    """One row of a `together` read: `model`'s row whose fields equal `equals` (with its `related`
+    row, as in `get`), or, with `function`, the row a flagged function returns (as in `flagged`)."""
+
+    model: type[Model]
+    equals: tuple[tuple[str, Any], ...] = ()
+    related: str | None = None
+    function: str | None = None
+    params: tuple[Any, ...] = ()
+
+    def shape(self) -> tuple:
+        return self.model, tuple(name for name, _ in self.equals), self.related, self.function, len(self.params)
+
+
+@functools.cache
+def _together_sql(shapes: tuple[tuple, ...], vendor: str) -> str:
+    quote = connection.ops.quote_name
+    columns, joins = [], []
+    for index, (model, names, related, function, arity) in enumerate(shapes):
+        alias = f"p{index}"
+        if function is not None:
+            columns.append(f"{alias}.flag")
+            columns += [f"({alias}.upload).{quote(field.column)}" for field in _fields(model)]
+            joins.append(f" LEFT JOIN LATERAL {quote(function)}({', '.join(['%s'] * arity)}) {alias} ON true")
+            continue
+        columns.append(_columns(model, alias))
+        source = f"{quote(model._meta.db_table)} {alias}"
+        if related is not None:
+            link = model._meta.get_field(related)
+            other = link.related_model
+            columns.append(_columns(other, f"{alias}r"))
+            source = (
+                f"({source} INNER JOIN {quote(other._meta.db_table)} {alias}r"
+                f" ON {alias}r.{quote(link.target_field.column)} = {alias}.{quote(link.column)})"
+            )
+        where = " AND ".join(f"{alias}.{quote(_field(model, name).column)} = %s" for name in names)
+        joins.append(f" LEFT JOIN {source} ON {where}")
+    # One row whatever matches: every part is joined to it, so a part that matches nothing is NULLs.
+    return f"SELECT {', '.join(columns)} FROM (SELECT 1) one{''.join(joins)}"
+
+
+def _instance_or_none(model: type[M], values: Sequence[Any]) -> M | None:
+    # A row that is not there reads as all columns NULL; the primary key never is in a real one.
+    return None if values[_fields(model).index(model._meta.pk)] is None else _instance(model, values)
+
+
+def together(*parts: Part) -> list[Any]:
+    """Several rows in one statement (one round trip): per part, its instance or None; for a
+    function's part, `(flag, instance or None)`, the flag None if the function returned no row."""
+    params: list[Any] = []
+    for part in parts:
+        if part.function is not None:
+            params += part.params
+        else:
+            params += [_field(part.model, name).get_db_prep_value(value, connection) for name, value in part.equals]
+    with connection.cursor() as cursor:
+        cursor.execute(_together_sql(tuple(part.shape() for part in parts), connection.vendor), params)
+        row = cursor.fetchone()
+    results, at = [], 0
+    for part in parts:
+        if part.function is not None:
+            flag, at = row[at], at + 1
+        count = len(_fields(part.model))
+        instance = _instance_or_none(part.model, row[at:at + count])
+        at += count
+        if part.related is not None:
+            link = part.model._meta.get_field(part.related)
+            other_count = len(_fields(link.related_model))
+            if instance is not None:
+                link.set_cached_value(instance, _instance(link.related_model, row[at:at + other_count]))
+            at += other_count
+        results.append((None if flag is None else bool(flag), instance) if part.function is not None else instance)
+    return results
 
 
 def reload(instance: Model, fresh: Model | None = None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -35,13 +36,36 @@ def upload_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -
     return upload
 
 
+def upload_owned_by(upload: UploadSession | None, *, user: AbstractBaseUser) -> UploadSession:
+    """An upload read by other means, if it is the caller's; not found as in `upload_get_for_user`."""
+    if upload is None or upload.owner_id != user.pk:
+        raise UploadNotFound()
+    return upload
+
+
 def upload_look_and_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> tuple[bool, UploadSession]:
     """Whether a request holds the upload's lock, then the caller's upload as committed after that
     look (`locks.look_and_read`); not found as in `upload_get_for_user`."""
     held, upload = locks.look_and_read(_upload_id(upload_id))
-    if upload is None or upload.owner_id != user.pk:
-        raise UploadNotFound()
-    return held, upload
+    return held, upload_owned_by(upload, user=user)
+
+
+def upload_read_with(
+    read: Callable[..., list | None], *, upload_id: uuid.UUID | str, look: bool
+) -> tuple[bool, UploadSession | None] | None:
+    """The upload's row, whoever owns it, through `read`: a `rows.together` that reads other rows in
+    the same statement (the request's token: `authentication.read_with_token`). With `look`,
+    whether its lock is held too, looked at before the read (`locks.look_and_read`); else False.
+    None if `read` read nothing, or `upload_id` is not an id. Check the owner before use
+    (`upload_owned_by`)."""
+    try:
+        upload_id = _upload_id(upload_id)
+    except UploadNotFound:
+        return None
+    if look:
+        return locks.look_and_read_with(read, upload_id)
+    results = read(rows.Part(UploadSession, equals=(("pk", upload_id),)))
+    return None if results is None else (False, results[0])
 
 
 def upload_reload(upload: UploadSession) -> None:

@@ -385,15 +385,21 @@ def upload_confirm_last_chunk(
     return upload
 
 
-def upload_for_resume(*, user: AbstractBaseUser, upload_id: uuid.UUID | str) -> UploadSession:
+def upload_for_resume(
+    *, user: AbstractBaseUser, upload_id: uuid.UUID | str, looked: tuple[bool, UploadSession | None] | None = None
+) -> UploadSession:
     """The caller's upload as a client about to resume it must see it (tus HEAD, TUS.md C7).
 
     When no request is writing to it, that is the row as read: one look at the lock, made before
     the read so that a writer which started earlier is seen, then the read (one round trip on
     PostgreSQL). Otherwise (a writer holds it, perhaps on a half-open connection, or a crashed
-    finalize is owed) see `upload_settle`.
+    finalize is owed) see `upload_settle`. `looked`: that look and read, made already (with the
+    request's token, `selectors.upload_read_with`); the owner is checked here.
     """
-    busy, upload = selectors.upload_look_and_get_for_user(user=user, upload_id=upload_id)
+    if looked is None:
+        busy, upload = selectors.upload_look_and_get_for_user(user=user, upload_id=upload_id)
+    else:
+        busy, upload = looked[0], selectors.upload_owned_by(looked[1], user=user)
     owed = upload.status == Status.PARTIAL and upload.offset == upload.size and not upload.concat_final
     return upload_settle(upload=upload) if busy or owed else upload
 

@@ -10,6 +10,7 @@ lock, one offset. Policies where the protocol leaves a choice are noted where th
 """
 from __future__ import annotations
 
+import functools
 import logging
 from urllib.parse import urljoin, urlsplit
 
@@ -26,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import api, selectors, services
+from . import api, authentication, selectors, services
 from . import http as http_body
 from .conf import conf
 from .exceptions import (
@@ -152,7 +153,11 @@ class TusView(APIView):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self._check_version(request)
+        self.read_ahead(request, *args, **kwargs)
         super().initial(request, *args, **kwargs)
+
+    def read_ahead(self, request: Request, *args, **kwargs) -> None:
+        """Rows to read before DRF authenticates, in the token's statement (see TusUploadView)."""
 
     @staticmethod
     def _check_version(request: Request) -> None:
@@ -294,14 +299,29 @@ class TusCreateView(TusView):
 
 
 class TusUploadView(TusView):
-    """An upload URL: HEAD reports the offset, PATCH appends, DELETE terminates."""
+    """An upload URL: HEAD reports the offset, PATCH appends, DELETE terminates.
+
+    Each of them authenticates and reads the upload (a HEAD after a look at its lock): with a
+    token, the token and the upload are read in one statement, one round trip (issue 6), and the
+    upload is used once DRF has authenticated the request and only if it is the caller's.
+    """
+
+    # (held, upload row or None) read with the token, or None: read as usual.
+    _read: tuple[bool, UploadSession | None] | None = None
+
+    def read_ahead(self, request: Request, pk: str) -> None:
+        if request.method in ("HEAD", "PATCH", "DELETE"):
+            read = functools.partial(authentication.read_with_token, request)
+            self._read = selectors.upload_read_with(read, upload_id=pk, look=request.method == "HEAD")
 
     def _upload(self, pk: str) -> UploadSession:
         # Another user's upload is "not found" (RELIABILITY K1), whatever the method.
+        if self._read is not None:
+            return selectors.upload_owned_by(self._read[1], user=self.request.user)
         return selectors.upload_get_for_user(user=self.request.user, upload_id=pk)
 
     def head(self, request: Request, pk: str) -> HttpResponse:
-        upload = services.upload_for_resume(user=request.user, upload_id=pk)
+        upload = services.upload_for_resume(user=request.user, upload_id=pk, looked=self._read)
         if selectors.upload_effective_status(upload) in (Status.EXPIRED, Status.FAILED):
             raise UploadGone(f"The upload is {selectors.upload_effective_status(upload)}; start a new one.")
         response = HttpResponse(status=200)
