@@ -2045,10 +2045,10 @@ def test_tus_uploads_appear_in_the_rest_api_and_the_admin(api, django_user_model
 
 @pytest.mark.django_db(transaction=True)
 def test_the_hot_path_costs_a_fixed_few_queries(api):
-    """A PATCH: the token, the upload (with its owner), the lock and the row under it (one
-    function on PostgreSQL, a flock and a read on SQLite), the conditional UPDATE, the unlock (none
-    on SQLite); a HEAD with no writer: the token, then a look at the lock and the upload (one
-    function on PostgreSQL, a shared flock and a read on SQLite). Any extra query per request is a
+    """A PATCH with a token: the token and the upload (one statement), the lock and the row under
+    it (one function on PostgreSQL; a flock and a read on SQLite), the conditional UPDATE, the
+    unlock (none on SQLite). A HEAD with no writer: one statement for the token, a look at the lock
+    and the upload (on SQLite the look is a shared flock). Any extra query per request is a
     regression of issue 6's budget."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
