@@ -57,25 +57,34 @@ def test_is_the_api_default_and_refuses_with_401(user, inactive_token):
     assert response["WWW-Authenticate"] == "Token"
 
 
-# --- A tus upload URL reads the token and the upload in one statement (`read_with_token`) ------------
+# --- Views of one upload read the token and the upload in one statement (`read_with_token`) ---------
 
 
-def _tus(client: APIClient, method: str, path: str):
-    headers = {"HTTP_TUS_RESUMABLE": "1.0.0"}
+def _send(client: APIClient, request: str, upload_id: str):
+    protocol, method = request.split()
+    if protocol == "rest":
+        return getattr(client, method)(f"/api/uploads/{upload_id}/")
+    path, headers = f"/files/{upload_id}", {"HTTP_TUS_RESUMABLE": "1.0.0"}
     if method == "patch":
         return client.patch(path, b"ab", content_type="application/offset+octet-stream", HTTP_UPLOAD_OFFSET="0",
                             **headers)
     return getattr(client, method)(path, **headers)
 
 
-def _tus_upload(owner) -> str:
+def _new_upload(owner, request: str) -> str:
     from uploads import services
 
-    upload = services.upload_create_tus(owner=owner, filename="a.bin", size=10, metadata="", concat="")
-    return f"/files/{upload.pk}"
+    if request.startswith("rest"):
+        upload, _ = services.upload_create(owner=owner, filename="a.bin", size=10)
+    else:
+        upload = services.upload_create_tus(owner=owner, filename="a.bin", size=10, metadata="", concat="")
+    return str(upload.pk)
 
 
-@pytest.mark.parametrize("method", ["head", "patch", "delete"])
+SUCCESS = {"tus head": 200, "tus patch": 204, "tus delete": 204, "rest get": 200, "rest delete": 204}
+
+
+@pytest.mark.parametrize("request_", list(SUCCESS))
 @pytest.mark.parametrize(
     "header",
     [
@@ -84,49 +93,55 @@ def _tus_upload(owner) -> str:
     ],
 )
 @pytest.mark.parametrize("whose", ["mine", "another's", "missing", "not an id"])
-def test_a_tus_upload_url_answers_every_header_as_drf_does(method, header, whose, user, other_user, token,
-                                                           inactive_token, media_root):
-    """Authenticated with the token read along with the upload, a tus HEAD, PATCH or DELETE gets
-    DRF's answer for the header (401 with its message and `WWW-Authenticate: Token`), and then,
-    authenticated, the upload only if it is the caller's (404 otherwise, RELIABILITY K1)."""
-    path = {
-        "mine": lambda: _tus_upload(user), "another's": lambda: _tus_upload(other_user),
-        "missing": lambda: "/files/0b5bd5a6-1f3c-4a8e-9d7e-2f64b1a9c001", "not an id": lambda: "/files/nope",
+def test_a_view_of_one_upload_answers_every_header_as_drf_does(request_, header, whose, user, other_user, token,
+                                                               inactive_token):
+    """Authenticated with the token read along with the upload, a tus HEAD, PATCH or DELETE and a
+    REST GET or DELETE get DRF's answer for the header (401 with its message and
+    `WWW-Authenticate: Token`), and then, authenticated, the upload only if it is the caller's (404
+    otherwise, RELIABILITY K1)."""
+    upload_id = {
+        "mine": lambda: _new_upload(user, request_), "another's": lambda: _new_upload(other_user, request_),
+        "missing": lambda: "0b5bd5a6-1f3c-4a8e-9d7e-2f64b1a9c001", "not an id": lambda: "nope",
     }[whose]()
     if header is not None:
         header = header.format(token=token, inactive=inactive_token)
     client = APIClient()
     if header is not None:
         client.credentials(HTTP_AUTHORIZATION=header)
-    response = _tus(client, method, path)
+    response = _send(client, request_, upload_id)
 
     drf = outcome(drf_authentication.TokenAuthentication, header)
-    if drf is None or drf[0] == "refused":
+    if whose == "not an id" and request_.startswith("rest"):
+        assert response.status_code == 404  # the REST route only matches ids: no view runs
+    elif drf is None or drf[0] == "refused":
         assert response.status_code == 401, response.content
         assert response["WWW-Authenticate"] == "Token"
-        if method != "head":
+        if request_ != "tus head":
             expected = drf[1] if drf else "Authentication credentials were not provided."
             assert response.json()["detail"] == expected
     elif whose != "mine":
         assert response.status_code == 404, response.content
         assert "Upload-Offset" not in response
     else:
-        assert response.status_code == {"head": 200, "patch": 204, "delete": 204}[method], response.content
-        if method != "delete":
-            assert response["Upload-Offset"] == {"head": "0", "patch": "2"}[method]
+        assert response.status_code == SUCCESS[request_], response.content
+        if request_ in ("tus head", "tus patch"):
+            assert response["Upload-Offset"] == {"tus head": "0", "tus patch": "2"}[request_]
+        if request_ == "rest get":
+            assert response.json()["id"] == upload_id and response.json()["offset"] == 0
 
 
-def test_a_tus_request_signed_in_by_session_reads_the_upload_as_usual(user, media_root):
+@pytest.mark.parametrize("request_", ["tus head", "tus patch", "rest get"])
+def test_a_request_signed_in_by_session_reads_the_upload_as_usual(request_, user):
     client = APIClient()
     client.force_login(user)
-    path = _tus_upload(user)
-    assert _tus(client, "head", path)["Upload-Offset"] == "0"
-    assert _tus(client, "patch", path)["Upload-Offset"] == "2"
+    response = _send(client, request_, _new_upload(user, request_))
+    assert response.status_code == SUCCESS[request_], response.content
 
 
-def test_a_tus_head_with_a_token_is_one_statement(user, token, django_assert_num_queries, media_root):
+@pytest.mark.parametrize("request_", ["tus head", "rest get"])
+def test_a_look_up_with_a_token_is_one_statement(request_, user, token, django_assert_num_queries):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
-    path = _tus_upload(user)
+    upload_id = _new_upload(user, request_)
     with django_assert_num_queries(1):
-        assert _tus(client, "head", path)["Upload-Offset"] == "0"
+        assert _send(client, request_, upload_id).status_code == 200

@@ -10,7 +10,6 @@ lock, one offset. Policies where the protocol leaves a choice are noted where th
 """
 from __future__ import annotations
 
-import functools
 import logging
 from urllib.parse import urljoin, urlsplit
 
@@ -27,7 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import api, authentication, selectors, services
+from . import api, selectors, services
 from . import http as http_body
 from .conf import conf
 from .exceptions import (
@@ -153,10 +152,10 @@ class TusView(APIView):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self._check_version(request)
-        self.read_ahead(request, *args, **kwargs)
+        self.before_authentication(request, *args, **kwargs)
         super().initial(request, *args, **kwargs)
 
-    def read_ahead(self, request: Request, *args, **kwargs) -> None:
+    def before_authentication(self, request: Request, *args, **kwargs) -> None:
         """Rows to read before DRF authenticates, in the token's statement (see TusUploadView)."""
 
     @staticmethod
@@ -298,27 +297,16 @@ class TusCreateView(TusView):
         return match.kwargs["pk"]
 
 
-class TusUploadView(TusView):
+class TusUploadView(api.UploadReadAhead, TusView):
     """An upload URL: HEAD reports the offset, PATCH appends, DELETE terminates.
 
     Each of them authenticates and reads the upload (a HEAD after a look at its lock): with a
-    token, the token and the upload are read in one statement, one round trip (issue 6), and the
-    upload is used once DRF has authenticated the request and only if it is the caller's.
+    token, in one statement (`api.UploadReadAhead`).
     """
 
-    # (held, upload row or None) read with the token, or None: read as usual.
-    _read: tuple[bool, UploadSession | None] | None = None
-
-    def read_ahead(self, request: Request, pk: str) -> None:
+    def before_authentication(self, request: Request, pk: str) -> None:
         if request.method in ("HEAD", "PATCH", "DELETE"):
-            read = functools.partial(authentication.read_with_token, request)
-            self._read = selectors.upload_read_with(read, upload_id=pk, look=request.method == "HEAD")
-
-    def _upload(self, pk: str) -> UploadSession:
-        # Another user's upload is "not found" (RELIABILITY K1), whatever the method.
-        if self._read is not None:
-            return selectors.upload_owned_by(self._read[1], user=self.request.user)
-        return selectors.upload_get_for_user(user=self.request.user, upload_id=pk)
+            self.read_ahead(request, pk, look=request.method == "HEAD")
 
     def head(self, request: Request, pk: str) -> HttpResponse:
         upload = services.upload_for_resume(user=request.user, upload_id=pk, looked=self._read)
@@ -342,7 +330,7 @@ class TusUploadView(TusView):
         return response
 
     def patch(self, request: Request, pk: str) -> HttpResponse:
-        upload = self._upload(pk)
+        upload = self.owned_upload(pk)
         if upload.concat_final:
             raise FinalNotWritable()
         if _media_type(request) != OFFSET_OCTET_STREAM:
@@ -357,5 +345,5 @@ class TusUploadView(TusView):
         return response
 
     def delete(self, request: Request, pk: str) -> HttpResponse:
-        services.upload_delete(upload=self._upload(pk))
+        services.upload_delete(upload=self.owned_upload(pk))
         return _empty(204)
