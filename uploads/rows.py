@@ -106,28 +106,6 @@ def get(model: type[M], *, related: str | None = None, **equals: Any) -> M | Non
     return instance
 
 
-@functools.cache
-def _flagged_sql(model: type[Model], function: str, arity: int, vendor: str) -> str:
-    quote = connection.ops.quote_name
-    columns = ", ".join(f"(f.upload).{quote(field.column)}" for field in _fields(model))
-    return f"SELECT f.flag, {columns} FROM {quote(function)}({', '.join(['%s'] * arity)}) f"
-
-
-def flagged(model: type[M], function: str, *params: Any) -> tuple[bool, M | None] | None:
-    """The one row of a database function returning `(flag boolean, upload <model's row type>)`:
-    its flag and its row as an instance (None for a NULL row), or None when it returned no row.
-
-    For the functions that take or look at a lock and then read, in one round trip (see
-    migrations/0004). Parameters are passed as they are: bigints, uuids.
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(_flagged_sql(model, function, len(params), connection.vendor), list(params))
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    return bool(row[0]), _instance_or_none(model, row[1:])
-
-
 @dataclass(frozen=True)
 class Part:
     """One row of a `together` read: `model`'s row whose fields equal `equals` (with its `related`
@@ -202,6 +180,17 @@ def together(*parts: Part) -> list[Any]:
             at += other_count
         results.append((None if flag is None else bool(flag), instance) if part.function is not None else instance)
     return results
+
+
+def flagged(model: type[M], function: str, *params: Any) -> tuple[bool, M | None] | None:
+    """The one row of a database function returning `(flag boolean, upload <model's row type>)`:
+    its flag and its row as an instance (None for a NULL row), or None when it returned no row.
+
+    For the functions that take or look at a lock and then read, in one round trip (see
+    migrations/0004). Parameters are passed as they are: bigints, uuids.
+    """
+    ((flag, instance),) = together(Part(model, function=function, params=params))
+    return None if flag is None else (flag, instance)
 
 
 def reload(instance: Model, fresh: Model | None = None) -> None:
