@@ -440,6 +440,16 @@ def test_partial_dir_symlinked_outside_media_root_is_refused(settings, tmp_path,
         storage.partial_dir()
 
 
+def test_partial_dir_follows_changed_settings(settings, media_root):
+    # The folder is resolved once per settings, not per call: new settings are honoured at once.
+    assert storage.partial_dir() == media_root.resolve() / "partial"
+    settings.UPLOADS_PARTIAL_DIR = "elsewhere"
+    assert storage.partial_dir() == media_root.resolve() / "elsewhere"
+    settings.UPLOADS_PARTIAL_DIR = "../escape"
+    with pytest.raises(StorageFailure):
+        storage.partial_dir()
+
+
 # --- Housekeeping -------------------------------------------------------------------------------
 
 

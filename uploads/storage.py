@@ -41,12 +41,24 @@ def _raise_storage_error(exc: OSError) -> None:
     raise StorageFailure() from exc
 
 
+# The resolved folder for the settings it was resolved from: resolving walks every component of
+# the path with a system call each, and every request of every upload needs the folder.
+_resolved: tuple[tuple[str, str], Path] | None = None
+
+
 def partial_dir() -> Path:
+    global _resolved
+    configured = (str(settings.MEDIA_ROOT), str(conf.PARTIAL_DIR))
+    if _resolved is not None and _resolved[0] == configured:
+        return _resolved[1]
     media_root = Path(settings.MEDIA_ROOT).resolve()
     path = (media_root / conf.PARTIAL_DIR).resolve()
     # UPLOADS_PARTIAL_DIR is configuration, but a symlink or '..' must still not lead outside.
+    # Checked when the settings are first seen: a symlink swapped in later needs write access to
+    # MEDIA_ROOT, and with that the files are the intruder's anyway.
     if media_root not in path.parents:
         raise StorageFailure("UPLOADS_PARTIAL_DIR must be inside MEDIA_ROOT.")
+    _resolved = (configured, path)
     return path
 
 
