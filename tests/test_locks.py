@@ -288,6 +288,122 @@ def test_postgresql_lock_is_a_session_advisory_lock():
         assert cursor.fetchone()[0] == 0
 
 
+# --- Committing the offset and releasing in one round trip (migration 0005) ---------------------
+
+postgresql_only = pytest.mark.skipif("connection.vendor != 'postgresql'", reason="the procedure is PostgreSQL's")
+
+
+def _commit(upload: UploadSession, old: int, new: int, **options) -> int | None:
+    from django.utils import timezone
+
+    now = timezone.now()
+    return locks.commit_offset(upload.pk, old=old, new=new, now=now, expires_at=now, **options)
+
+
+@postgresql_only
+def test_commit_offset_commits_then_releases_in_one_statement(user):
+    from django.test.utils import CaptureQueriesContext
+
+    upload = _upload(user)
+    with CaptureQueriesContext(connection) as queries:
+        with locks.upload_lock(upload.pk, timeout=0) as held:
+            before = len(queries)
+            assert _commit(upload, 0, 6, durable=True, release=held) == 1
+            assert len(queries) == before + 1 and held.released
+            assert not locks.is_held(upload.pk)
+            after = len(queries)
+    assert len(queries) == after  # the context did not unlock a second time
+    assert UploadSession.objects.get(pk=upload.pk).offset == 6
+
+
+@postgresql_only
+def test_a_waiter_given_the_lock_by_commit_offset_reads_the_committed_offset(user):
+    # The whole point of the procedure: the next holder's read comes after the commit, never between.
+    upload = _upload(user)
+    holder_has_it, waiter_started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with locks.upload_lock(upload.pk, timeout=5) as held:
+                holder_has_it.set()
+                waiter_started.wait(5)
+                time.sleep(0.1)  # the waiter is polling for the lock
+                assert _commit(upload, 0, 8, durable=True, release=held) == 1
+                time.sleep(0.3)  # still inside the context: the waiter needs none of this
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holder_has_it.wait(5)
+    waiter_started.set()
+    started = time.monotonic()
+    with locks.upload_lock(upload.pk, timeout=5, ask_release=False, reload=upload):
+        assert upload.offset == 8
+        assert time.monotonic() - started < 0.35
+    thread.join(5)
+    assert not errors, errors
+
+
+@postgresql_only
+def test_a_commit_offset_that_fails_leaves_the_lock_to_its_context(user):
+    from django.db import IntegrityError
+
+    upload = _upload(user)  # size 10: an offset of 11 breaks a check constraint
+    with locks.upload_lock(upload.pk, timeout=0) as held:
+        with pytest.raises(IntegrityError):
+            _commit(upload, 0, 11, durable=True, release=held)
+        assert not held.released and locks.is_held(upload.pk)
+    assert not locks.is_held(upload.pk)
+    assert UploadSession.objects.get(pk=upload.pk).offset == 0
+
+
+@postgresql_only
+def test_a_commit_offset_of_a_moved_offset_changes_nothing_and_still_releases(user):
+    upload = _upload(user, offset=3)
+    with locks.upload_lock(upload.pk, timeout=0) as held:
+        assert _commit(upload, 0, 6, durable=True, release=held) == 0
+        assert held.released and not locks.is_held(upload.pk)
+    assert UploadSession.objects.get(pk=upload.pk).offset == 3
+
+
+@postgresql_only
+def test_a_commit_offset_without_release_keeps_the_lock(user):
+    upload = _upload(user)
+    with locks.upload_lock(upload.pk, timeout=0) as held:
+        assert _commit(upload, 0, 2, durable=True) == 1
+        assert not held.released and locks.is_held(upload.pk)
+    assert not locks.is_held(upload.pk)
+
+
+@postgresql_only
+def test_a_commit_that_need_not_be_durable_changes_only_its_own_transaction(user):
+    # UPLOADS_FSYNC=0: that commit skips the WAL flush; the session's own setting is untouched.
+    upload = _upload(user)
+    assert _commit(upload, 0, 5, durable=False) == 1
+    assert UploadSession.objects.get(pk=upload.pk).offset == 5
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+
+
+def test_commit_offset_is_left_to_the_caller_in_a_transaction_or_without_postgresql(user):
+    from django.db import transaction
+
+    upload = _upload(user)
+    with transaction.atomic(), locks.upload_lock(upload.pk, timeout=0) as held:
+        assert _commit(upload, 0, 5, durable=True, release=held) is None  # a procedure may not COMMIT here
+        assert not held.released
+    if connection.vendor != "postgresql":
+        with locks.upload_lock(upload.pk, timeout=0) as held:
+            assert _commit(upload, 0, 5, durable=True, release=held) is None
+            assert held.key is None and not held.released
+    assert UploadSession.objects.get(pk=upload.pk).offset == 0
+
+
 @pytest.mark.skipif("connection.vendor == 'postgresql'", reason="flock is the non-PostgreSQL lock")
 def test_file_lock_dies_with_a_killed_process():
     # Another process holds the flock and is SIGKILLed: the kernel releases it (tusd#437 has PID files).

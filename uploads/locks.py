@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 
 from django.db import DatabaseError, connection
 from django.db.models import Model
@@ -69,11 +70,24 @@ def _wait(try_acquire: Callable[[], bool], timeout: float, ask_release: Callable
         time.sleep(POLL_SECONDS)
 
 
+class Held:
+    """An upload's lock while a request holds it (what `upload_lock` yields).
+
+    On PostgreSQL it can be released by the statement that commits the offset (`commit_offset`),
+    which spares the chunk a round trip of its own to unlock; `released` then says so.
+    """
+
+    def __init__(self, key: int | None) -> None:
+        self.key = key  # the advisory key; None where the lock is a file's
+        self.released = False
+
+
 @contextmanager
 def _advisory_lock(
     upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None, reload: Model | None
-) -> Iterator[None]:
+) -> Iterator[Held]:
     key = _advisory_key(upload_id)
+    held = Held(key)
     fresh: list[Model | None] = []
 
     def try_acquire() -> bool:
@@ -95,26 +109,27 @@ def _advisory_lock(
     try:
         if reload is not None:
             _reloaded(reload, fresh[0])
-        yield
+        yield held
     finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
-        except DatabaseError:
-            # The connection is gone, and the lock went with it.
-            pass
+        if not held.released:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+            except DatabaseError:
+                # The connection is gone, and the lock went with it.
+                pass
 
 
 @contextmanager
 def _file_lock(
     upload_id: uuid.UUID, timeout: float, ask_release: Callable[[], None] | None, reload: Model | None
-) -> Iterator[None]:
+) -> Iterator[Held]:
     fd = storage.open_lock_file(upload_id)
     try:
         _wait(lambda: _try_flock(fd, fcntl.LOCK_EX), timeout, ask_release)
         if reload is not None:
             rows.reload(reload)
-        yield
+        yield Held(None)
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
@@ -196,7 +211,7 @@ def uses_lock_files() -> bool:
 @contextmanager
 def upload_lock(
     upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True, reload: Model | None = None
-) -> Iterator[None]:
+) -> Iterator[Held]:
     """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting.
 
     While waiting, the holder is asked to release (unless `ask_release` is False, e.g. cleanup,
@@ -207,10 +222,35 @@ def upload_lock(
     timeout = conf.LOCK_TIMEOUT if timeout is None else timeout
     lock = _file_lock if uses_lock_files() else _advisory_lock
     asker = (lambda: storage.request_release(upload_id)) if ask_release else None
-    with lock(upload_id, timeout, asker, reload):
+    with lock(upload_id, timeout, asker, reload) as held:
         # Any request made before we got the lock was aimed at the previous holder: answered.
         storage.clear_release_request(upload_id)
-        yield
+        yield held
+
+
+def commit_offset(
+    upload_id: uuid.UUID, *, old: int, new: int, now: datetime, expires_at: datetime, durable: bool,
+    release: Held | None = None,
+) -> int | None:
+    """Commit the upload's offset `old` -> `new` (a conditional UPDATE: the rows changed, 0 or 1)
+    through the procedure of migration 0005, then release `release`, in one round trip.
+
+    `durable` False lets this commit skip PostgreSQL's WAL flush (UPLOADS_FSYNC=0). Returns None
+    where the procedure cannot be used, leaving the caller to UPDATE and the lock to be released
+    on its own: other databases, and inside a transaction block, where a procedure may not COMMIT.
+    """
+    if connection.vendor != "postgresql" or connection.in_atomic_block or not connection.get_autocommit():
+        return None
+    key = release.key if release is not None and not release.released else None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CALL uploads_commit_offset(%s, %s, %s, %s, %s, %s, %s, NULL)",
+            [upload_id, old, new, now, expires_at, durable, key],
+        )
+        (updated,) = cursor.fetchone()
+    if key is not None:
+        release.released = True
+    return updated
 
 
 # One key for every creation: its advisory lock serialises the free-space check across users.

@@ -264,14 +264,21 @@ class _Append:
         if self.running is not None:
             self.running.update(block)
 
-    def commit(self) -> None:
-        """fsync the bytes written so far, then record them (DB, then Redis, then the digest)."""
+    def commit(self, *, release: locks.Held | None = None) -> None:
+        """fsync the bytes written so far, then record them (DB, then Redis, then the digest).
+
+        `release`: the request writes nothing more, so the upload's lock may be released in the
+        same round trip as the commit (on PostgreSQL). The file is closed first: whoever takes the
+        lock next is then the only writer with the file open (RELIABILITY INV7).
+        """
         if self.writer.position == self.committed:
             return
         # With the running digest kept, nothing reads these bytes again before they are moved.
         self.writer.sync(drop_cached=self.running is not None)
         crash_point("after_fsync")
-        _commit_offset(self.upload, old=self.committed, new=self.writer.position)
+        if release is not None:
+            self.writer.close()
+        _commit_offset(self.upload, old=self.committed, new=self.writer.position, release=release)
         self.committed = self.writer.position
         self.last_commit_at = time.monotonic()
         if self.running is not None:
@@ -303,7 +310,7 @@ def upload_append(
     what was durably received (IncompleteBody carries the new offset). With a digest the request
     is all or nothing: it is verified before anything is committed.
     """
-    with locks.upload_lock(upload.pk, reload=upload):
+    with locks.upload_lock(upload.pk, reload=upload) as held:
         if upload.concat_final:
             raise FinalNotWritable()
         _check_writable(upload)
@@ -328,7 +335,7 @@ def upload_append(
             _save_size(upload, size)  # only once the request is known to fit
         try:
             if length != 0:
-                _write(upload, stream=stream, length=length, limit=limit, digest=digest)
+                _write(upload, stream=stream, length=length, limit=limit, digest=digest, held=held)
             if upload.offset == upload.size:
                 _finalize(upload)
         except DataLost as exc:
@@ -440,12 +447,20 @@ def _check_writable(upload: UploadSession) -> None:
 
 
 def _write(
-    upload: UploadSession, *, stream: BinaryIO, length: int | None, limit: int, digest: ChunkDigest | None
+    upload: UploadSession,
+    *,
+    stream: BinaryIO,
+    length: int | None,
+    limit: int,
+    digest: ChunkDigest | None,
+    held: locks.Held | None = None,
 ) -> None:
     """Stream the body into the partial file, committing as it goes (see the module docstring).
 
     With `length` None the body runs until its end, and must end by `limit`: a longer body is
     refused (413) and its unacknowledged tail dropped, so nothing lands past the upload's size.
+    `held`: the upload's lock, released by the last commit unless that completes the upload
+    (finalizing needs the lock still).
     """
     hasher = hashlib.new(digest.algorithm) if digest else None
     with (
@@ -512,7 +527,7 @@ def _write(
                 "The chunk does not match its checksum; it was discarded.", offset=state.committed
             )
         try:
-            state.commit()
+            state.commit(release=held if writer.position != upload.size else None)
         except (StorageFull, StorageFailure):
             writer.truncate(state.committed)
             raise
@@ -546,17 +561,22 @@ def _read(stream: BinaryIO, size: int) -> bytes:
         raise _ClientGone() from exc
 
 
-def _commit_offset(upload: UploadSession, *, old: int, new: int) -> None:
-    """Move the committed offset from `old` to `new`, only if nobody else moved it meanwhile."""
+def _commit_offset(upload: UploadSession, *, old: int, new: int, release: locks.Held | None = None) -> None:
+    """Move the committed offset from `old` to `new`, only if nobody else moved it meanwhile;
+    then release `release`, the upload's lock, if given (see `locks.commit_offset`)."""
     now = timezone.now()
     expires_at = now + conf.EXPIRY
-    # One conditional UPDATE is atomic by itself: no BEGIN/COMMIT round trips on the hot path.
-    # Composed once (`rows`): it runs at every commit of every chunk.
-    updated = rows.update(
-        UploadSession,
-        values={"offset": new, "updated_at": now, "expires_at": expires_at},
-        where={"pk": upload.pk, "offset": old, "status": Status.PARTIAL},
+    updated = locks.commit_offset(
+        upload.pk, old=old, new=new, now=now, expires_at=expires_at, durable=conf.FSYNC, release=release
     )
+    if updated is None:
+        # One conditional UPDATE is atomic by itself: no BEGIN/COMMIT round trips on the hot path.
+        # Composed once (`rows`): it runs at every commit of every chunk.
+        updated = rows.update(
+            UploadSession,
+            values={"offset": new, "updated_at": now, "expires_at": expires_at},
+            where={"pk": upload.pk, "offset": old, "status": Status.PARTIAL},
+        )
     if updated != 1:
         _raise_fenced(upload)
     crash_point("after_commit")
