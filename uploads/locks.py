@@ -25,6 +25,7 @@ and the newer request gets the upload within a fraction of a second instead of a
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -203,8 +204,13 @@ def is_held(upload_id: uuid.UUID) -> bool:
         return bool(cursor.fetchone()[0])
 
 
+@functools.cache
 def uses_lock_files() -> bool:
-    """Whether upload locks are `flock`s on lock files (anything but PostgreSQL)."""
+    """Whether upload locks are `flock`s on lock files (anything but PostgreSQL).
+
+    Asked once per process: the database is fixed by the settings, and each look through the
+    `connection` proxy costs a thread-local look-up, on every request's hot path.
+    """
     return connection.vendor != "postgresql"
 
 
@@ -239,7 +245,7 @@ def commit_offset(
     where the procedure cannot be used, leaving the caller to UPDATE and the lock to be released
     on its own: other databases, and inside a transaction block, where a procedure may not COMMIT.
     """
-    if connection.vendor != "postgresql" or connection.in_atomic_block or not connection.get_autocommit():
+    if uses_lock_files() or connection.in_atomic_block or not connection.get_autocommit():
         return None
     key = release.key if release is not None and not release.released else None
     with connection.cursor() as cursor:
