@@ -1245,3 +1245,40 @@ def test_access_revoked_between_chunks_stops_the_upload(api, user):
     assert put_chunk(api, upload_id, data[5:], 5, len(data)).status_code == 401
     row = UploadSession.objects.get(pk=upload_id)
     assert (row.offset, row.status) == (5, "partial")
+
+
+# --- A chunk's lock taken in its token's statement (issue 6, migration 0006) ---------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunk_costs_two_round_trips_on_postgresql(api):
+    """The token, the lock and the row in one statement; the UPDATE and the unlock in another."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    upload = new_upload(api, size=8)
+    with CaptureQueriesContext(connection) as queries:
+        assert put_chunk(api, upload["id"], b"abcd", 0, 8).status_code == 200
+    assert len(queries) == (2 if connection.vendor == "postgresql" else 3), [q["sql"][:80] for q in queries]
+    assert put_chunk(api, upload["id"], b"efgh", 4, 8).json()["status"] == "complete"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("refusal", ["content range", "content type", "offset", "another's token"])
+def test_a_chunk_refused_after_its_read_ahead_leaves_the_upload_unlocked(api, other_api, refusal):
+    from uploads import locks
+
+    upload = new_upload(api, size=8)
+    if refusal == "content range":
+        response = put_chunk(api, upload["id"], b"abcd", 0, 9)
+    elif refusal == "content type":
+        response = api.put(
+            detail_url(upload["id"]), data=b"abcd", content_type="text/plain", HTTP_CONTENT_RANGE="bytes 0-3/8"
+        )
+    elif refusal == "offset":
+        response = put_chunk(api, upload["id"], b"abcd", 4, 8)
+    else:
+        response = put_chunk(other_api, upload["id"], b"abcd", 0, 8)
+    assert 400 <= response.status_code < 500, response.content
+    assert not locks.is_held(uuid.UUID(upload["id"]))
+    assert put_chunk(api, upload["id"], b"abcd", 0, 8).status_code == 200

@@ -290,7 +290,7 @@ def test_postgresql_lock_is_a_session_advisory_lock():
 
 # --- Committing the offset and releasing in one round trip (migration 0005) ---------------------
 
-postgresql_only = pytest.mark.skipif("connection.vendor != 'postgresql'", reason="the procedure is PostgreSQL's")
+postgresql_only = pytest.mark.skipif("connection.vendor != 'postgresql'", reason="PostgreSQL's own functions")
 
 
 def _commit(upload: UploadSession, old: int, new: int, **options) -> int | None:
@@ -308,7 +308,7 @@ def test_commit_offset_commits_then_releases_in_one_statement(user):
     with CaptureQueriesContext(connection) as queries:
         with locks.upload_lock(upload.pk, timeout=0) as held:
             before = len(queries)
-            assert _commit(upload, 0, 6, durable=True, release=held) == 1
+            assert _commit(upload, 0, 6, durable=True, then_release=held) == 1
             assert len(queries) == before + 1 and held.released
             assert not locks.is_held(upload.pk)
             after = len(queries)
@@ -329,7 +329,7 @@ def test_a_waiter_given_the_lock_by_commit_offset_reads_the_committed_offset(use
                 holder_has_it.set()
                 waiter_started.wait(5)
                 time.sleep(0.1)  # the waiter is polling for the lock
-                assert _commit(upload, 0, 8, durable=True, release=held) == 1
+                assert _commit(upload, 0, 8, durable=True, then_release=held) == 1
                 time.sleep(0.3)  # still inside the context: the waiter needs none of this
         except BaseException as exc:  # noqa: BLE001 - reported to the test thread
             errors.append(exc)
@@ -355,7 +355,7 @@ def test_a_commit_offset_that_fails_leaves_the_lock_to_its_context(user):
     upload = _upload(user)  # size 10: an offset of 11 breaks a check constraint
     with locks.upload_lock(upload.pk, timeout=0) as held:
         with pytest.raises(IntegrityError):
-            _commit(upload, 0, 11, durable=True, release=held)
+            _commit(upload, 0, 11, durable=True, then_release=held)
         assert not held.released and locks.is_held(upload.pk)
     assert not locks.is_held(upload.pk)
     assert UploadSession.objects.get(pk=upload.pk).offset == 0
@@ -365,7 +365,7 @@ def test_a_commit_offset_that_fails_leaves_the_lock_to_its_context(user):
 def test_a_commit_offset_of_a_moved_offset_changes_nothing_and_still_releases(user):
     upload = _upload(user, offset=3)
     with locks.upload_lock(upload.pk, timeout=0) as held:
-        assert _commit(upload, 0, 6, durable=True, release=held) == 0
+        assert _commit(upload, 0, 6, durable=True, then_release=held) == 0
         assert held.released and not locks.is_held(upload.pk)
     assert UploadSession.objects.get(pk=upload.pk).offset == 3
 
@@ -395,13 +395,88 @@ def test_commit_offset_is_left_to_the_caller_in_a_transaction_or_without_postgre
 
     upload = _upload(user)
     with transaction.atomic(), locks.upload_lock(upload.pk, timeout=0) as held:
-        assert _commit(upload, 0, 5, durable=True, release=held) is None  # a procedure may not COMMIT here
+        assert _commit(upload, 0, 5, durable=True, then_release=held) is None  # a procedure may not COMMIT here
         assert not held.released
     if connection.vendor != "postgresql":
         with locks.upload_lock(upload.pk, timeout=0) as held:
-            assert _commit(upload, 0, 5, durable=True, release=held) is None
+            assert _commit(upload, 0, 5, durable=True, then_release=held) is None
             assert held.key is None and not held.released
     assert UploadSession.objects.get(pk=upload.pk).offset == 0
+
+
+# --- The lock taken in the statement that reads the request's token (migration 0006) -------------
+
+
+def _read_with_token(key: str):
+    """A `read` as `authentication.read_with_token` makes it, for the token `key`."""
+    from rest_framework.authtoken.models import Token
+
+    from uploads import rows
+
+    def read(*parts):
+        _token, *results = rows.together(rows.Part(Token, equals=(("key", key),), related="user"), *parts)
+        return results
+
+    return read
+
+
+def _lock_and_read(key: str, upload_id):
+    from uploads import authentication
+
+    return locks.lock_and_read_with(_read_with_token(key), upload_id, owner=authentication.TOKEN_USER)
+
+
+def test_the_lock_is_taken_ahead_only_for_the_owner_of_an_unfinished_upload(user, other_user):
+    from rest_framework.authtoken.models import Token
+
+    mine, theirs = Token.objects.create(user=user).key, Token.objects.create(user=other_user).key
+    upload = _upload(user)
+    postgres = connection.vendor == "postgresql"
+
+    held, row = _lock_and_read(mine, upload.pk)
+    assert row.pk == upload.pk and row.owner_id == user.pk
+    if postgres:
+        assert held is not None and locks.is_held(upload.pk)
+        locks.release(held)
+        locks.release(held)  # twice is once
+    else:  # flock: the engine takes it as usual
+        assert held is None
+    assert not locks.is_held(upload.pk)
+
+    for key in (theirs, "no-such-token"):
+        held, row = _lock_and_read(key, upload.pk)
+        assert held is None and row.pk == upload.pk and not locks.is_held(upload.pk)
+    assert _lock_and_read(mine, uuid.uuid4()) == (None, None)
+
+    UploadSession.objects.filter(pk=upload.pk).update(offset=10, status="complete")
+    held, row = _lock_and_read(mine, upload.pk)
+    assert held is None and row.status == "complete" and not locks.is_held(upload.pk)
+
+
+@postgresql_only
+def test_a_busy_upload_is_read_but_not_taken_ahead(user):
+    from rest_framework.authtoken.models import Token
+
+    mine = Token.objects.create(user=user).key
+    upload = _upload(user)
+    with Holder(upload.pk):
+        UploadSession.objects.filter(pk=upload.pk).update(offset=4)
+        held, row = _lock_and_read(mine, upload.pk)
+        assert held is None and row.offset == 4
+    assert not locks.is_held(upload.pk)
+
+
+@postgresql_only
+def test_a_lock_taken_ahead_is_adopted_without_a_query_and_released_after(user):
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.authtoken.models import Token
+
+    upload = _upload(user)
+    held, row = _lock_and_read(Token.objects.create(user=user).key, upload.pk)
+    with CaptureQueriesContext(connection) as queries:
+        with locks.upload_lock(upload.pk, timeout=0, held=held) as adopted:
+            assert adopted is held and len(queries) == 0
+    assert len(queries) == 1 and held.released and not locks.is_held(upload.pk)
 
 
 @pytest.mark.skipif("connection.vendor == 'postgresql'", reason="flock is the non-PostgreSQL lock")

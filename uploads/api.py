@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from . import authentication, selectors, services
+from . import authentication, locks, selectors, services
 from . import http as http_body
 from .exceptions import NotComplete, UnsupportedMediaType, UploadError
 from .models import Status, UploadSession
@@ -79,14 +79,33 @@ class UploadReadAhead:
     """For a view of one upload named by its URL: with a token, the token and the upload are read in
     one statement before DRF authenticates (`authentication.read_with_token`), one round trip
     instead of two (issue 6); `owned_upload` hands the upload out once the request is authenticated,
-    and only to its owner. Without a token (a session), the upload is read as usual."""
+    and only to its owner. Without a token (a session), the upload is read as usual.
+
+    A chunk (`lock=True`) takes the upload's lock in that statement too, if the token's user owns
+    the upload (`selectors.upload_read_with(lock_for=...)`): `held` is then passed to the engine,
+    which adopts it, and a request that ends before (refused, say) releases it in `dispatch`."""
 
     # (held, upload row or None) read with the token, or None: read when asked.
     _read: tuple[bool, UploadSession | None] | None = None
+    # The upload's lock, taken by the read ahead of a chunk, or None.
+    held: locks.Held | None = None
 
-    def read_ahead(self, request: Request, upload_id: str, *, look: bool = False) -> None:
+    def read_ahead(self, request: Request, upload_id: str, *, look: bool = False, lock: bool = False) -> None:
         read = functools.partial(authentication.read_with_token, request)
-        self._read = selectors.upload_read_with(read, upload_id=upload_id, look=look)
+        if not lock:
+            self._read = selectors.upload_read_with(read, upload_id=upload_id, look=look)
+            return
+        found = selectors.upload_read_with(read, upload_id=upload_id, lock_for=authentication.TOKEN_USER)
+        if found is not None:
+            self.held, found = found[0], (False, found[1])
+        self._read = found
+
+    def dispatch(self, request, *args, **kwargs):
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        finally:
+            if self.held is not None:
+                services.upload_lock_release(self.held)  # a no-op once the engine has released it
 
     def owned_upload(self, upload_id: str) -> UploadSession:
         # Another user's upload is "not found" (RELIABILITY K1), whatever the method.
@@ -122,7 +141,7 @@ class UploadViewSet(UploadReadAhead, viewsets.GenericViewSet):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         if "pk" in kwargs:
-            self.read_ahead(request, kwargs["pk"])
+            self.read_ahead(request, kwargs["pk"], lock=request.method == "PUT")
         super().initial(request, *args, **kwargs)
 
     def _upload(self) -> UploadSession:
@@ -199,7 +218,7 @@ class UploadViewSet(UploadReadAhead, viewsets.GenericViewSet):
         digest = parse_content_digest(request.headers.get("Content-Digest"))
         upload = services.upload_append(
             upload=upload, offset=content_range.start, stream=http_body.body_stream(request),
-            length=length, digest=digest,
+            length=length, digest=digest, held=self.held,
         )
         return self._render(upload)
 

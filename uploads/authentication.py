@@ -23,6 +23,8 @@ from . import rows
 
 # Where `read_with_token` leaves (key, token row or None) on the request for `authenticate`.
 _READ = "_uploads_token_read"
+# The token's user id, for a part read with `read_with_token` to use (the token is its first part).
+TOKEN_USER = rows.Column(0, "user")
 
 
 class TokenAuthentication(authentication.TokenAuthentication):

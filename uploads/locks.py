@@ -12,7 +12,10 @@ offset is also committed with a conditional UPDATE, so a writer that lost its lo
 
 Every chunk takes the lock and then reads the row under it, and every tus HEAD looks at the lock
 and then reads the row: on PostgreSQL each pair is one round trip, through a database function
-whose second statement takes a snapshot of its own (migration 0004), so the order is kept.
+whose second statement takes a snapshot of its own (migration 0004), so the order is kept. A chunk
+sent with a token does it in the statement that reads the token, for the token's owner only
+(migration 0006, `lock_and_read_with`), and its last commit releases the lock after committing, in
+the same round trip (migration 0005, `commit_offset`): two round trips per chunk in all.
 
 Release requests (TUS.md N7, tusd's `.stop` file, @tus/server's `requestRelease`): a request that
 finds the upload held asks the holder to let go, by creating a release file next to the partial
@@ -112,13 +115,20 @@ def _advisory_lock(
             _reloaded(reload, fresh[0])
         yield held
     finally:
-        if not held.released:
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
-            except DatabaseError:
-                # The connection is gone, and the lock went with it.
-                pass
+        release(held)
+
+
+def release(held: Held) -> None:
+    """Release the lock unless that was done already (by `commit_offset`, or an earlier call)."""
+    if held.released or held.key is None:
+        return
+    held.released = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [held.key])
+    except DatabaseError:
+        # The connection is gone, and the lock went with it.
+        pass
 
 
 @contextmanager
@@ -183,6 +193,29 @@ def look_and_read_with(
     return bool(held), upload
 
 
+def lock_and_read_with(
+    read: Callable[..., list | None], upload_id: uuid.UUID, *, owner: rows.Column
+) -> tuple[Held | None, UploadSession | None] | None:
+    """Take the upload's lock if `owner` (a column of a row `read` reads too: the token's user) owns
+    it and it is unfinished, then read its row; both in `read`'s one statement (migration 0006).
+
+    Returns the lock if taken (the row was then read under it: adopt it with
+    `upload_lock(held=...)`, and `release` it if the request ends first) or None, with the row as
+    read (not under the lock, to be locked and read again as usual). None if `read` read nothing.
+    Other databases take no lock here.
+    """
+    if uses_lock_files():
+        results = read(rows.Part(UploadSession, equals=(("pk", upload_id),)))
+        return None if results is None else (None, results[0])
+    key = _advisory_key(upload_id)
+    part = rows.Part(UploadSession, function="uploads_lock_and_read_owned", params=(key, upload_id, owner))
+    results = read(part)
+    if results is None:
+        return None
+    taken, upload = results[0]
+    return (Held(key) if taken else None), upload
+
+
 def is_held(upload_id: uuid.UUID) -> bool:
     """Whether a request holds the upload's lock at this moment, without waiting for it.
 
@@ -216,15 +249,28 @@ def uses_lock_files() -> bool:
 
 @contextmanager
 def upload_lock(
-    upload_id: uuid.UUID, timeout: float | None = None, *, ask_release: bool = True, reload: Model | None = None
+    upload_id: uuid.UUID,
+    timeout: float | None = None,
+    *,
+    ask_release: bool = True,
+    reload: Model | None = None,
+    held: Held | None = None,
 ) -> Iterator[Held]:
     """Hold the upload exclusively; raise UploadBusy (423) after `timeout` seconds of waiting.
 
     While waiting, the holder is asked to release (unless `ask_release` is False, e.g. cleanup,
     which must never interrupt a client). `reload`: an instance of the upload to read again as
     soon as the lock is held (in the same round trip on PostgreSQL), raising DoesNotExist if its
-    row is gone.
+    row is gone. `held`: the lock, taken already with the row read under it (`lock_and_read_with`),
+    to adopt instead of taking it: nothing is waited for or read, and it is released as usual.
     """
+    if held is not None and not held.released:
+        try:
+            storage.clear_release_request(upload_id)
+            yield held
+        finally:
+            release(held)
+        return
     timeout = conf.LOCK_TIMEOUT if timeout is None else timeout
     lock = _file_lock if uses_lock_files() else _advisory_lock
     asker = (lambda: storage.request_release(upload_id)) if ask_release else None
@@ -236,10 +282,10 @@ def upload_lock(
 
 def commit_offset(
     upload_id: uuid.UUID, *, old: int, new: int, now: datetime, expires_at: datetime, durable: bool,
-    release: Held | None = None,
+    then_release: Held | None = None,
 ) -> int | None:
     """Commit the upload's offset `old` -> `new` (a conditional UPDATE: the rows changed, 0 or 1)
-    through the procedure of migration 0005, then release `release`, in one round trip.
+    through the procedure of migration 0005, then release `then_release`, in one round trip.
 
     `durable` False lets this commit skip PostgreSQL's WAL flush (UPLOADS_FSYNC=0). Returns None
     where the procedure cannot be used, leaving the caller to UPDATE and the lock to be released
@@ -247,7 +293,7 @@ def commit_offset(
     """
     if uses_lock_files() or connection.in_atomic_block or not connection.get_autocommit():
         return None
-    key = release.key if release is not None and not release.released else None
+    key = then_release.key if then_release is not None and not then_release.released else None
     with connection.cursor() as cursor:
         cursor.execute(
             "CALL uploads_commit_offset(%s, %s, %s, %s, %s, %s, %s, NULL)",
@@ -255,7 +301,7 @@ def commit_offset(
         )
         (updated,) = cursor.fetchone()
     if key is not None:
-        release.released = True
+        then_release.released = True
     return updated
 
 

@@ -107,6 +107,15 @@ def get(model: type[M], *, related: str | None = None, **equals: Any) -> M | Non
 
 
 @dataclass(frozen=True)
+class Column:
+    """A function part's parameter that is a column of an earlier part of the same `together` read
+    (its `part`-th, counting from 0), not a value: e.g. the user id of the token read with it."""
+
+    part: int
+    name: str
+
+
+@dataclass(frozen=True)
 class Part:
     """One row of a `together` read: `model`'s row whose fields equal `equals` (with its `related`
     row, as in `get`), or, with `function`, the row a flagged function returns (as in `flagged`)."""
@@ -118,19 +127,26 @@ class Part:
     params: tuple[Any, ...] = ()
 
     def shape(self) -> tuple:
-        return self.model, tuple(name for name, _ in self.equals), self.related, self.function, len(self.params)
+        # Values are sent as parameters (%s); columns are part of the statement.
+        arguments = tuple(param if isinstance(param, Column) else None for param in self.params)
+        return self.model, tuple(name for name, _ in self.equals), self.related, self.function, arguments
 
 
 @functools.cache
 def _together_sql(shapes: tuple[tuple, ...], vendor: str) -> str:
     quote = connection.ops.quote_name
     columns, joins = [], []
-    for index, (model, names, related, function, arity) in enumerate(shapes):
+    for index, (model, names, related, function, arguments) in enumerate(shapes):
         alias = f"p{index}"
         if function is not None:
             columns.append(f"{alias}.flag")
             columns += [f"({alias}.upload).{quote(field.column)}" for field in _fields(model)]
-            joins.append(f" LEFT JOIN LATERAL {quote(function)}({', '.join(['%s'] * arity)}) {alias} ON true")
+            sql_arguments = ", ".join(
+                "%s" if column is None
+                else f"p{column.part}.{quote(_field(shapes[column.part][0], column.name).column)}"
+                for column in arguments
+            )
+            joins.append(f" LEFT JOIN LATERAL {quote(function)}({sql_arguments}) {alias} ON true")
             continue
         columns.append(_columns(model, alias))
         source = f"{quote(model._meta.db_table)} {alias}"
@@ -159,7 +175,7 @@ def together(*parts: Part) -> list[Any]:
     params: list[Any] = []
     for part in parts:
         if part.function is not None:
-            params += part.params
+            params += [param for param in part.params if not isinstance(param, Column)]
         else:
             params += [_field(part.model, name).get_db_prep_value(value, connection) for name, value in part.equals]
     with connection.cursor() as cursor:

@@ -51,17 +51,25 @@ def upload_look_and_get_for_user(*, user: AbstractBaseUser, upload_id: uuid.UUID
 
 
 def upload_read_with(
-    read: Callable[..., list | None], *, upload_id: uuid.UUID | str, look: bool
-) -> tuple[bool, UploadSession | None] | None:
+    read: Callable[..., list | None],
+    *,
+    upload_id: uuid.UUID | str,
+    look: bool = False,
+    lock_for: rows.Column | None = None,
+) -> tuple[bool | locks.Held | None, UploadSession | None] | None:
     """The upload's row, whoever owns it, through `read`: a `rows.together` that reads other rows in
     the same statement (the request's token: `authentication.read_with_token`). With `look`,
     whether its lock is held too, looked at before the read (`locks.look_and_read`); else False.
+    With `lock_for` (the column of `read`'s token naming its user), its lock instead, taken if that
+    user owns it and it is unfinished, or None (`locks.lock_and_read_with`).
     None if `read` read nothing, or `upload_id` is not an id. Check the owner before use
     (`upload_owned_by`)."""
     try:
         upload_id = _upload_id(upload_id)
     except UploadNotFound:
         return None
+    if lock_for is not None:
+        return locks.lock_and_read_with(read, upload_id, owner=lock_for)
     if look:
         return locks.look_and_read_with(read, upload_id)
     results = read(rows.Part(UploadSession, equals=(("pk", upload_id),)))

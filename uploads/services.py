@@ -299,6 +299,7 @@ def upload_append(
     length: int | None,
     digest: ChunkDigest | None = None,
     declare_size: int | None = None,
+    held: locks.Held | None = None,
 ) -> UploadSession:
     """Append the bytes read from `stream` at `offset`; finalize when the last byte lands.
 
@@ -308,9 +309,10 @@ def upload_append(
 
     Without a `digest`, progress is committed as the body streams and an interrupted body keeps
     what was durably received (IncompleteBody carries the new offset). With a digest the request
-    is all or nothing: it is verified before anything is committed.
+    is all or nothing: it is verified before anything is committed. `held`: the upload's lock,
+    taken with `upload` read under it (`selectors.upload_read_with(lock_for=...)`), adopted here.
     """
-    with locks.upload_lock(upload.pk, reload=upload) as held:
+    with locks.upload_lock(upload.pk, reload=upload, held=held) as held:
         if upload.concat_final:
             raise FinalNotWritable()
         _check_writable(upload)
@@ -343,6 +345,12 @@ def upload_append(
             raise
     crash_point("before_response")
     return upload
+
+
+def upload_lock_release(held: locks.Held) -> None:
+    """Release an upload's lock taken ahead for a chunk (`selectors.upload_read_with(lock_for=...)`)
+    whose request ended without `upload_append` adopting it; nothing if it was released already."""
+    locks.release(held)
 
 
 def _checked_size(upload: UploadSession, size: int) -> int:
@@ -567,7 +575,7 @@ def _commit_offset(upload: UploadSession, *, old: int, new: int, release: locks.
     now = timezone.now()
     expires_at = now + conf.EXPIRY
     updated = locks.commit_offset(
-        upload.pk, old=old, new=new, now=now, expires_at=expires_at, durable=conf.FSYNC, release=release
+        upload.pk, old=old, new=new, now=now, expires_at=expires_at, durable=conf.FSYNC, then_release=release
     )
     if updated is None:
         # One conditional UPDATE is atomic by itself: no BEGIN/COMMIT round trips on the hot path.

@@ -26,7 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import api, selectors, services
+from . import api, locks, selectors, services
 from . import http as http_body
 from .conf import conf
 from .exceptions import (
@@ -195,14 +195,22 @@ class TusView(APIView):
         return self.request.build_absolute_uri(reverse(UPLOAD_URL_NAME, args=[upload.pk]))
 
     def _append(
-        self, request: Request, upload: UploadSession, *, offset: int, declare_size: int | None = None
+        self,
+        request: Request,
+        upload: UploadSession,
+        *,
+        offset: int,
+        declare_size: int | None = None,
+        held: locks.Held | None = None,
     ) -> UploadSession:
-        """Stream this request's body into the upload; see `_body_headers` for what was checked."""
+        """Stream this request's body into the upload; see `_body_headers` for what was checked.
+        `held`: the upload's lock, taken by the read ahead (`api.UploadReadAhead`)."""
         length, digest = self._body_headers(request)
         stream = http_body.body_stream(request, unframed=length is None)
         try:
             return services.upload_append(
-                upload=upload, offset=offset, stream=stream, length=length, digest=digest, declare_size=declare_size
+                upload=upload, offset=offset, stream=stream, length=length, digest=digest,
+                declare_size=declare_size, held=held,
             )
         except UploadComplete:
             # A retried last PATCH gets the 204 its lost answer carried; other bytes get 409 (D8).
@@ -306,7 +314,7 @@ class TusUploadView(api.UploadReadAhead, TusView):
 
     def before_authentication(self, request: Request, pk: str) -> None:
         if request.method in ("HEAD", "PATCH", "DELETE"):
-            self.read_ahead(request, pk, look=request.method == "HEAD")
+            self.read_ahead(request, pk, look=request.method == "HEAD", lock=request.method == "PATCH")
 
     def head(self, request: Request, pk: str) -> HttpResponse:
         upload = services.upload_for_resume(user=request.user, upload_id=pk, looked=self._read)
@@ -338,7 +346,7 @@ class TusUploadView(api.UploadReadAhead, TusView):
         offset = parse_non_negative_int(request.headers.get("Upload-Offset"), "Upload-Offset")
         declared = request.headers.get("Upload-Length")
         declare_size = parse_non_negative_int(declared, "Upload-Length") if declared is not None else None
-        upload = self._append(request, upload, offset=offset, declare_size=declare_size)
+        upload = self._append(request, upload, offset=offset, declare_size=declare_size, held=self.held)
         response = _empty(204)
         response["Upload-Offset"] = str(upload.offset)
         _expires(response, upload)
