@@ -233,6 +233,14 @@ class Sampler:
         finally:
             self._close()
 
+    def sample_more(self, count: int = 3, timeout: float = 5.0) -> None:
+        """Wait until `count` more samples are taken: each step of a test is then sampled, however
+        fast the server answers it."""
+        target = self.samples + count
+        deadline = time.monotonic() + timeout
+        while self.samples < target and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(self.interval / 2)
+
     def stop(self) -> Sampler:
         self._stopped.set()
         self._thread.join(timeout=10)

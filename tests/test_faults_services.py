@@ -220,10 +220,12 @@ def test_b3_flushall_mid_tus_upload(redis_server, start_gunicorn, token, user):
             response = api.patch(upload_id, source, start, start + MiB)
             assert response.status_code == 204, response.text
             shown.saw(response.headers["Upload-Offset"])
+            sampler.sample_more()
         assert redis_total(cache, upload) == 2 * MiB
 
         redis_server.client(0).flushall()
         assert redis_total(cache, upload) is None
+        sampler.sample_more()
         head = api.head(upload_id)
         assert head.status_code == 200 and shown.saw(head.headers["Upload-Offset"]) == 2 * MiB
 
@@ -232,6 +234,7 @@ def test_b3_flushall_mid_tus_upload(redis_server, start_gunicorn, token, user):
             assert response.status_code == 204, response.text
             shown.saw(response.headers["Upload-Offset"])
             assert redis_total(cache, upload) == start + MiB  # refilled by the next commit
+            sampler.sample_more()
     finally:
         sampler.stop()
     assert sampler.samples > 10 and not sampler.errors, sampler.errors[:3]
