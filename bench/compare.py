@@ -1321,7 +1321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="seq8m,small64k,single,concurrent,lookup,finalize4g",
                         help="comma-separated keys or letters a-f (default: all)")
-    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated (default: all)")
+    parser.add_argument("--servers", default=None,
+                        help="comma-separated (default: all; project-tus-base only with --baseline)")
     parser.add_argument("--runs", type=int, default=None, help="repetitions of each (workload, server); default 3")
     parser.add_argument("--pause", type=float, default=None, help="seconds after `sync` before a writing run; "
                         "default 3")
@@ -1364,13 +1365,15 @@ def select(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
     chosen = [w for w in every if w.key in wanted or w.letter in wanted]
     if args.big_gib <= 0:
         chosen = [w for w in chosen if w.key != "finalize4g"]
-    names = [item.strip() for item in args.servers.split(",") if item.strip()]
+    names = list(SERVER_NAMES) if args.servers is None else [
+        item.strip() for item in args.servers.split(",") if item.strip()
+    ]
     unknown = set(names) - set(SERVER_NAMES)
     if unknown:
         raise SystemExit(f"unknown server(s): {', '.join(sorted(unknown))}")
     needed = {name for w in chosen for name in w.servers}
     if not args.baseline:
-        if "project-tus-base" in args.servers.split(","):
+        if args.servers is not None and "project-tus-base" in names:
             raise SystemExit("project-tus-base needs --baseline DIR")
         needed.discard("project-tus-base")
     return chosen, [name for name in SERVER_NAMES if name in names and name in needed]
