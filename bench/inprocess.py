@@ -29,7 +29,7 @@ import compare  # noqa: E402 - the database and settings compare.py uses
 CHUNK = 64 * 1024
 
 
-def child(root: str, requests: int) -> dict:
+def child(root: str, requests: int, profile: str | None = None) -> dict:
     """Runs in the child process: the loop itself."""
     import io
 
@@ -76,11 +76,20 @@ def child(root: str, requests: int) -> dict:
     for name, step in (("head", head), ("patch", patch)):
         for _ in range(warm // 2):
             step()
+        profiler = None
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(requests):
             step()
         figures[f"{name}_wall_ms"] = (time.perf_counter() - wall) / requests * 1e3
         figures[f"{name}_cpu_ms"] = (time.process_time() - cpu) / requests * 1e3
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{name}")
     return figures
 
 
@@ -91,10 +100,15 @@ def main() -> None:
     parser.add_argument("--baseline", help="another checkout to time alternately (same database schema)")
     parser.add_argument("--pg-url", default="postgres://postgres@127.0.0.1:5432/test")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a variable for the project, as in compare.py (e.g. UPLOADS_FSYNC=0)")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="cProfile each timed loop into PREFIX.<tree>.<run>.head / .patch (slower; for "
+                             "finding where the time goes, e.g. with `python -m pstats`)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.requests)))
+        print(json.dumps(child(args.child, args.requests, args.profile)))
         return
 
     import tempfile
@@ -103,16 +117,17 @@ def main() -> None:
     if args.baseline:
         trees["baseline"] = str(Path(args.baseline).resolve())
     with tempfile.TemporaryDirectory(prefix="bench-inprocess-") as work:
-        settings = argparse.Namespace(pg_url=args.pg_url, redis_url=args.redis_url, project_env=[], workers=1,
-                                      threads=1)
+        settings = argparse.Namespace(pg_url=args.pg_url, redis_url=args.redis_url,
+                                      project_env=args.project_env, workers=1, threads=1)
         project = compare.Project(settings, Path(work))
         project.setup()
         try:
             results: dict[str, list[dict]] = {name: [] for name in trees}
             for run in range(args.runs):
                 for name, root in trees.items():
+                    profile = ["--profile", f"{args.profile}.{name}.{run}"] if args.profile else []
                     done = subprocess.run(
-                        [sys.executable, __file__, "--child", root, "--requests", str(args.requests)],
+                        [sys.executable, __file__, "--child", root, "--requests", str(args.requests), *profile],
                         env=project.env(BENCH_TOKEN=project.token), capture_output=True, text=True,
                         timeout=600, check=True,
                     )
