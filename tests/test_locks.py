@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from uploads import locks, storage
 from uploads.exceptions import UploadBusy
@@ -112,6 +112,22 @@ def test_look_and_read_tells_whether_the_lock_is_held_then_reads_the_row(user):
     assert locks.look_and_read(uuid.uuid4()) == (False, None)
     with locks.upload_lock(upload.pk, timeout=0):  # the looks did not keep the lock
         pass
+
+
+def test_a_look_gives_the_lock_back_at_once_even_inside_a_transaction(user):
+    """The look tries the lock shared and gives it back within its statement (migration 0007 on
+    PostgreSQL, a shared flock on a descriptor closed at once elsewhere): a writer on another
+    connection takes the lock while the looker's transaction is still open."""
+    upload = _upload(user)
+    with transaction.atomic():
+        held, row = locks.look_and_read(upload.pk)
+        assert held is False and row.pk == upload.pk
+        holder = Holder(upload.pk)
+        holder.start()
+        assert holder.acquired.wait(2), f"the look kept the lock: {holder.error!r}"
+        holder.release.set()
+        holder.join(10)
+        assert holder.error is None, holder.error
 
 
 def test_a_lock_taken_with_reload_reads_the_row_under_it(user):

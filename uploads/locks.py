@@ -12,7 +12,10 @@ offset is also committed with a conditional UPDATE, so a writer that lost its lo
 
 Every chunk takes the lock and then reads the row under it, and every tus HEAD looks at the lock
 and then reads the row: on PostgreSQL each pair is one round trip, through a database function
-whose second statement takes a snapshot of its own (migration 0004), so the order is kept. A chunk
+whose second statement takes a snapshot of its own (migration 0004), so the order is kept. The
+look tries the lock shared and gives it straight back (migration 0007), as `is_held` does with the
+lock files; only `is_held` on PostgreSQL reads `pg_locks`, for tests that need another session's
+view of a lock their own connection might hold. A chunk
 sent with a token does it in the statement that reads the token, for the token's owner only
 (migration 0006, `lock_and_read_with`), and its last commit releases the lock after committing, in
 the same round trip (migration 0005, `commit_offset`): two round trips per chunk in all.
