@@ -382,6 +382,55 @@ def test_append_renews_the_expiry(settings, user):
 
 
 @pytest.mark.django_db
+def test_a_commit_leaves_an_expiry_renewed_less_than_a_step_ago(settings, user):
+    """The stored expiry moves only once it lags by EXPIRY_STEP (1 % of UPLOADS_EXPIRY when that
+    is shorter), so most chunks' UPDATEs change no indexed column (a HOT update on PostgreSQL)."""
+    settings.UPLOADS_EXPIRY = 600  # a step of 6 s
+    data = source(1000)
+    upload = create(user, data)
+    stored = timezone.now() + timedelta(seconds=597)  # renewed 3 s ago
+    UploadSession.objects.filter(pk=upload.pk).update(expires_at=stored)
+    upload = append(upload, data, 0, 10)
+    assert UploadSession.objects.get(pk=upload.pk).expires_at == stored == upload.expires_at
+    assert UploadSession.objects.get(pk=upload.pk).offset == 10
+
+    lagging = timezone.now() + timedelta(seconds=593)  # renewed 7 s ago: past the step
+    UploadSession.objects.filter(pk=upload.pk).update(expires_at=lagging)
+    before = timezone.now()
+    upload = append(upload, data, 10, 20)
+    row = UploadSession.objects.get(pk=upload.pk)
+    assert row.expires_at == upload.expires_at >= before + timedelta(seconds=600)
+
+    settings.UPLOADS_EXPIRY = 86400  # a step of a minute, not 1 % (14.4 min)
+    UploadSession.objects.filter(pk=upload.pk).update(expires_at=timezone.now() + timedelta(seconds=86400 - 61))
+    before = timezone.now()
+    upload = append(upload, data, 20, 30)
+    assert upload.expires_at >= before + timedelta(seconds=86400)
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="HOT updates are PostgreSQL's")
+@pytest.mark.django_db
+def test_chunk_commits_update_the_row_in_place_on_postgresql(user):
+    """No indexed column changes on a chunk's commit, so PostgreSQL updates the row without new
+    index entries (HOT). Counted within the test's transaction, where the engine commits with a
+    plain UPDATE of the same columns and values as the procedure's."""
+    data = source(4000)
+    upload = create(user, data)
+    table = UploadSession._meta.db_table
+
+    def hot_updates() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_get_xact_tuples_hot_updated(%s::regclass)", [table])
+            return cursor.fetchone()[0]
+
+    before = hot_updates()
+    for start in range(0, 3000, 1000):
+        upload = append(upload, data, start, start + 1000)
+    assert UploadSession.objects.get(pk=upload.pk).offset == 3000
+    assert hot_updates() - before == 3
+
+
+@pytest.mark.django_db
 def test_long_chunks_hashed_on_the_helper_thread_record_the_files_sha(settings, user):
     # Bodies longer than a batch are hashed on a helper thread (digests.Running), settled at each
     # commit; a chunk cut off part-way keeps its committed prefix, and the digest still matches.
