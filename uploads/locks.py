@@ -15,10 +15,10 @@ and then reads the row: on PostgreSQL each pair is one round trip, through a dat
 whose second statement takes a snapshot of its own (migration 0004), so the order is kept. The
 look tries the lock shared and gives it straight back (migration 0007), as `is_held` does with the
 lock files; only `is_held` on PostgreSQL reads `pg_locks`, for tests that need another session's
-view of a lock their own connection might hold. A chunk
-sent with a token does it in the statement that reads the token, for the token's owner only
-(migration 0006, `lock_and_read_with`), and its last commit releases the lock after committing, in
-the same round trip (migration 0005, `commit_offset`): two round trips per chunk in all.
+view of a lock their own connection might hold. A chunk sent with a token does it in the
+statement that reads the token, for the token's owner only (migration 0006,
+`lock_and_read_with`), and its last commit releases the lock after committing, in the same round
+trip (migration 0005, `commit_offset`): two round trips per chunk in all.
 
 Release requests (TUS.md N7, tusd's `.stop` file, @tus/server's `requestRelease`): a request that
 finds the upload held asks the holder to let go, by creating a release file next to the partial

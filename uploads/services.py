@@ -583,10 +583,10 @@ def _renewed_expiry(upload: UploadSession, now: datetime) -> datetime:
     index; now that happens at most once a minute per upload, and an upload still expires no
     earlier than `UPLOADS_EXPIRY` minus that step after its last chunk.
     """
-    renewed = now + conf.EXPIRY
-    if upload.expires_at is not None and upload.expires_at <= renewed < upload.expires_at + min(
-        EXPIRY_STEP, conf.EXPIRY / 100
-    ):
+    expiry = conf.EXPIRY
+    renewed = now + expiry
+    step = min(EXPIRY_STEP, expiry / 100)
+    if upload.expires_at is not None and upload.expires_at <= renewed < upload.expires_at + step:
         return upload.expires_at
     return renewed
 
