@@ -15,17 +15,19 @@ file system):
 - tus-node: @tus/server + @tus/file-store (exact versions in bench/tus_node/package-lock.json),
   installed with `npm ci` into ~/.cache/resumable-uploads/bench-tus-node/ and run as
   `node server.mjs PORT DIR`. No fsync (the file store never calls it).
-- project-tus, project-rest: this project under gunicorn with project/gunicorn.py (gthread,
-  `--workers` x `--threads`), access log off, DEBUG=0, a fresh PostgreSQL database `bench_<pid>`
-  (dropped at the end), Redis databases 12/13 with a per-run key prefix (its keys deleted at the
-  end), UPLOADS_FSYNC=1 (`--project-env KEY=VALUE` adds or overrides a variable, e.g. to try
-  UPLOADS_BLOCK_SIZE). One gunicorn serves both: tus (POST /files/, PATCH) and REST
-  (POST /api/uploads/, PUT with Content-Range), with `Authorization: Token`.
+- project-tus, project-rest: this project under gunicorn with project/gunicorn.py (gthread as
+  project/gunicorn_worker.py subclasses it, `--workers` x `--threads`), access log off, DEBUG=0,
+  a fresh PostgreSQL database `bench_<pid>` (dropped at the end), Redis databases 12/13 with a
+  per-run key prefix (its keys deleted at the end), UPLOADS_FSYNC=1 (`--project-env KEY=VALUE`
+  adds or overrides a variable, e.g. to try UPLOADS_BLOCK_SIZE). One gunicorn serves both: tus
+  (POST /files/, PATCH) and REST (POST /api/uploads/, PUT with Content-Range), with
+  `Authorization: Token`.
 - project-tus-nofsync: a second gunicorn with UPLOADS_FSYNC=0, for the 64 KiB workload only.
 - project-tus-base: only with `--baseline DIR`: the project's tus endpoint served from another
-  checkout (e.g. `git worktree add /tmp/base main`) with the same settings and database, to A/B a
-  change within one run (the two trees must share the database schema). The JSON summary then
-  also has every server's paired ratio to it (`x_project-tus-base`).
+  checkout (e.g. `git worktree add /tmp/base main`), with its own project/gunicorn.py and the
+  same settings and database, to A/B a change within one run (the two trees must share the
+  database schema). The JSON summary then also has every server's paired ratio to it
+  (`x_project-tus-base`).
 
 Workloads (sizes with --quick in brackets):
 - seq8m (a): 1 GiB [64 MiB] in 8 MiB chunks, one upload, one kept-alive connection.
@@ -668,16 +670,18 @@ class Project:
             "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token;"
             "u,_=User.objects.get_or_create(username='bench'); print(Token.objects.get_or_create(user=u)[0].key)",
         ).strip().splitlines()[-1]
-        # The project's gunicorn config, with the access log off (accesslog = None, not /dev/null).
-        (self.work / "gunicorn_bench.py").write_text(
-            f"exec(compile(open({str(ROOT / 'project' / 'gunicorn.py')!r}).read(), 'project/gunicorn.py', 'exec'))\n"
-            "accesslog = None\n"
-        )
 
     def gunicorn(self, name: str, fsync: bool, root: Path = ROOT) -> Service:
         port = free_port()
         env = self.env(BIND=f"127.0.0.1:{port}", UPLOADS_FSYNC="1" if fsync else "0")
-        command = [sys.executable, "-m", "gunicorn", "-c", str(self.work / "gunicorn_bench.py"), "project.wsgi"]
+        # The tree's own gunicorn config (a baseline is served as it was configured), with the
+        # access log off (accesslog = None, not /dev/null).
+        config = self.work / f"gunicorn_{name}.py"
+        config.write_text(
+            f"exec(compile(open({str(root / 'project' / 'gunicorn.py')!r}).read(), 'project/gunicorn.py', 'exec'))\n"
+            "accesslog = None\n"
+        )
+        command = [sys.executable, "-m", "gunicorn", "-c", str(config), "project.wsgi"]
         service = Service(name, command, root, env, self.work / f"{name}.log", port)
         self.services.append(service)
         return service

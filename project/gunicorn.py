@@ -8,7 +8,8 @@ overridden with GUNICORN_CMD_ARGS.
 import os
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
-worker_class = "gthread"
+# gthread, serving a kept-alive connection's back-to-back requests on one thread (see the module).
+worker_class = "project.gunicorn_worker.ThreadWorker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = 120

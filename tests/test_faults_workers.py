@@ -197,7 +197,7 @@ def test_a6_gthread_worker_is_not_killed_by_a_long_chunk(serve, token):
     yet completes in one attempt: gthread's main loop keeps heart-beating while a thread streams the
     body, so the arbiter sees a live worker."""
     server = serve(f"--timeout {TIMEOUT}", **SLOW_ENV)
-    assert "Using worker: gthread" in server.output()
+    assert "Using worker: project.gunicorn_worker.ThreadWorker" in server.output()  # gthread, subclassed
     source = os.urandom(GTHREAD_SIZE)
     upload_id = _create(server, token, "slow-gthread.bin", len(source))
     _warm(server)
