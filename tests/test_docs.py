@@ -24,7 +24,8 @@ def test_every_uploads_setting_is_documented():
 
 
 def test_every_environment_variable_is_documented():
-    source = Path(project_settings.__file__).read_text()
+    project = Path(project_settings.__file__).parent
+    source = "".join((project / name).read_text() for name in ("settings.py", "gunicorn.py", "gunicorn_worker.py"))
     env_vars = set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', source))
     env_vars |= set(re.findall(r'env_(?:bool|list)\("([A-Z_]+)"', source))
     env_vars |= {f"UPLOADS_{name}" for name in project_settings._UPLOADS_INT + project_settings._UPLOADS_FLOAT + project_settings._UPLOADS_BOOL}
