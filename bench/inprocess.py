@@ -1,16 +1,17 @@
 """The project's own cost per request, without a server: its WSGI handler called in a loop.
 
-    .venv/bin/python bench/inprocess.py                         # tus HEAD and 64 KiB PATCH, 3 runs
+    .venv/bin/python bench/inprocess.py                         # tus HEAD, REST GET, 64 KiB PATCH; 3 runs
     .venv/bin/python bench/inprocess.py --baseline /tmp/base    # the same, alternating with another tree
 
 Each run is a child process that imports the project (from this tree or `--baseline`) with the
 production-like settings of `compare.py` (PostgreSQL in a fresh database `bench_<pid>`, Redis 12/13
 with a per-run prefix, fsync on), creates one tus upload through the handler and then times
-`--requests` HEADs and as many 64 KiB PATCHes, calling `application(environ, start_response)`
-directly: Django, its middleware, DRF, the view, the engine and the database round trips, but no
-gunicorn, no socket and no client. Figures: wall and CPU (this process only, so not PostgreSQL's)
-milliseconds per request, medians over the runs. Where a server-side figure of `compare.py` moves
-and this one does not, the change is in the server or the machine, not in the project's code.
+`--requests` tus HEADs, as many REST GETs of the upload and as many 64 KiB PATCHes, calling
+`application(environ, start_response)` directly: Django, its middleware, DRF, the view, the
+engine and the database round trips, but no gunicorn, no socket and no client. Figures: wall and
+CPU (this process only, so not PostgreSQL's) milliseconds per request, medians over the runs.
+Where a server-side figure of `compare.py` moves and this one does not, the change is in the
+server or the machine, not in the project's code.
 """
 from __future__ import annotations
 
@@ -59,11 +60,15 @@ def child(root: str, requests: int, profile: str | None = None) -> dict:
     assert call("POST", "/files/", UPLOAD_LENGTH=str(CHUNK * (requests + warm))).startswith("201")
     from uploads.models import UploadSession
 
-    path = f"/files/{UploadSession.objects.order_by('-created_at').values_list('pk', flat=True).first()}"
+    upload_id = UploadSession.objects.order_by("-created_at").values_list("pk", flat=True).first()
+    path = f"/files/{upload_id}"
     offset = 0
 
     def head() -> None:
         assert call("HEAD", path).startswith("200")
+
+    def get() -> None:
+        assert call("GET", f"/api/uploads/{upload_id}", ACCEPT="application/json").startswith("200")
 
     def patch() -> None:
         nonlocal offset
@@ -73,7 +78,7 @@ def child(root: str, requests: int, profile: str | None = None) -> dict:
 
     body = os.urandom(CHUNK)
     figures = {}
-    for name, step in (("head", head), ("patch", patch)):
+    for name, step in (("head", head), ("get", get), ("patch", patch)):
         for _ in range(warm // 2):
             step()
         profiler = None
@@ -95,7 +100,7 @@ def child(root: str, requests: int, profile: str | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000, help="HEADs, and as many PATCHes, per run")
+    parser.add_argument("--requests", type=int, default=2000, help="HEADs, and as many GETs and PATCHes, per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", help="another checkout to time alternately (same database schema)")
     parser.add_argument("--pg-url", default="postgres://postgres@127.0.0.1:5432/test")
@@ -103,7 +108,7 @@ def main() -> None:
     parser.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a variable for the project, as in compare.py (e.g. UPLOADS_FSYNC=0)")
     parser.add_argument("--profile", metavar="PREFIX",
-                        help="cProfile each timed loop into PREFIX.<tree>.<run>.head / .patch (slower; for "
+                        help="cProfile each timed loop into PREFIX.<tree>.<run>.head / .get / .patch (slower; for "
                              "finding where the time goes, e.g. with `python -m pstats`)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,11 +140,11 @@ def main() -> None:
                     compare.log(f"run {run} {name}: {results[name][-1]}")
         finally:
             project.teardown()
-    print("| tree | HEAD wall ms | HEAD CPU ms | 64 KiB PATCH wall ms | PATCH CPU ms |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| tree | HEAD wall ms | HEAD CPU ms | REST GET wall ms | GET CPU ms | 64 KiB PATCH wall ms | PATCH CPU ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():
-        cells = [statistics.median(run[key] for run in runs)
-                 for key in ("head_wall_ms", "head_cpu_ms", "patch_wall_ms", "patch_cpu_ms")]
+        cells = [statistics.median(run[f"{step}_{figure}_ms"] for run in runs)
+                 for step in ("head", "get", "patch") for figure in ("wall", "cpu")]
         print(f"| {name} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
 
 

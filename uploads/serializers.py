@@ -35,6 +35,18 @@ class UploadSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # ModelSerializer builds the fields from the model for every instance: a third of a REST
+        # GET of one upload (bench/inprocess.py --profile). They depend on the class alone, so they
+        # are built once, and each instance gets new ones made from the same arguments, as
+        # `Field.__deepcopy__` makes them but without deep-copying those arguments (the model's
+        # texts and choices, only ever read), which cost as much again.
+        built = type(self).__dict__.get("_built_fields")
+        if built is None:
+            built = super().get_fields()
+            type(self)._built_fields = built
+        return {name: type(field)(*field._args, **field._kwargs) for name, field in built.items()}
+
     @extend_schema_field(serializers.ChoiceField(choices=Status.choices))
     def get_status(self, upload: UploadSession) -> str:
         return selectors.upload_effective_status(upload)
