@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -169,6 +170,35 @@ def test_without_fsync_nothing_is_dropped(partial, upload_id, settings):
         writer.write(os.urandom(2 << 20))
         writer.sync(drop_cached=True)
     assert cached_bytes(partial) >= 2 << 20
+
+
+def test_sync_file_range_is_bound_on_linux():
+    assert sys.platform != "linux" or storage._sync_file_range is not None
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_the_write_back_starts_every_two_mib_behind_the_writes_with_fsync(
+    monkeypatch, partial, upload_id, settings, fsync
+):
+    settings.UPLOADS_FSYNC = fsync
+    started = []
+
+    def start_writeback(fd, offset, length):
+        started.append((offset, length))
+        real_start_writeback(fd, offset, length)
+
+    real_start_writeback = storage._start_writeback
+    monkeypatch.setattr(storage, "_start_writeback", start_writeback)
+    block = os.urandom(64 * 1024)
+    with storage.PartialWriter(upload_id, 0) as writer:
+        for _ in range(80):  # 5 MiB
+            writer.write(block)
+        writer.sync()
+        for _ in range(40):  # 2.5 MiB more: counted from the sync
+            writer.write(block)
+    mib = 1 << 20
+    assert started == ([(0, 2 * mib), (2 * mib, 2 * mib), (5 * mib, 2 * mib)] if fsync else [])
+    assert partial.read_bytes() == block * 120
 
 
 def test_writer_truncates_an_unacknowledged_tail(partial, upload_id):

@@ -9,6 +9,7 @@ with the file-system backend that is a rename on the same file system, so it cos
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -33,6 +34,24 @@ RELEASE_SUFFIX = ".release"
 HASH_BLOCK = 4 * 1024 * 1024
 _SAFE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,16}\Z", re.ASCII)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+# Write-behind: a partial file's pages are sent to the disk every WRITE_BEHIND bytes as they are
+# written, so the fsync before a chunk's acknowledgement waits for the last stretch only, instead
+# of starting the write-back of the whole chunk then (`PartialWriter.write`).
+WRITE_BEHIND = 2 * 1024 * 1024
+# Linux's sync_file_range(2), which Python's os module lacks; None elsewhere (no write-behind).
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_SYNC_FILE_RANGE_WRITE = 2  # start the write-back of the range's dirty pages; do not wait
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing the range's dirty pages to the disk, without waiting and without durability:
+    only `fsync` makes bytes durable. An error here changes nothing; the fsync reports it."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _raise_storage_error(exc: OSError) -> None:
@@ -141,6 +160,8 @@ class PartialWriter:
     def __init__(self, upload_id: uuid.UUID, offset: int) -> None:
         self.position = offset
         self._synced = offset  # where the bytes not yet made durable by `sync` start
+        self._written_back = offset  # where the bytes whose write-back has not been started begin
+        self._fsync = conf.FSYNC  # read once: `write` runs for every block
         self._upload_id = upload_id
         self._log_start: int | None = None  # set once open: the write log's interval start (INV7)
         try:
@@ -178,6 +199,11 @@ class PartialWriter:
                 view = view[written:]
         except OSError as exc:
             _raise_storage_error(exc)
+        if self._fsync and self.position - self._written_back >= WRITE_BEHIND:
+            # 8 MiB chunks on a fast disk: 1.2x MB/s (bench/README.md). Without fsync the kernel
+            # writes back when it likes, and nothing waits for it.
+            _start_writeback(self._fd, self._written_back, self.position - self._written_back)
+            self._written_back = self.position
 
     def sync(self, *, drop_cached: bool = False) -> None:
         """Make every byte written so far durable.
@@ -200,7 +226,7 @@ class PartialWriter:
             # Clean after fsync, so this only frees them. Advice: a failure changes nothing.
             with contextlib.suppress(OSError):
                 os.posix_fadvise(self._fd, self._synced, self.position - self._synced, os.POSIX_FADV_DONTNEED)
-        self._synced = self.position
+        self._synced = self._written_back = self.position
 
     def truncate(self, offset: int) -> None:
         """Drop everything past `offset` (used to discard an unacknowledged or rejected tail)."""
@@ -208,6 +234,7 @@ class PartialWriter:
             os.ftruncate(self._fd, offset)
             self.position = offset
             self._synced = min(self._synced, offset)
+            self._written_back = min(self._written_back, offset)
         except OSError:
             # Not fatal: the next writer truncates to the committed offset before writing.
             pass
