@@ -161,7 +161,7 @@ class PartialWriter:
         self.position = offset
         self._synced = offset  # where the bytes not yet made durable by `sync` start
         self._written_back = offset  # where the bytes whose write-back has not been started begin
-        self._fsync = conf.FSYNC  # read once: `write` runs for every block
+        self._fsync = conf.FSYNC  # read once per writer: `write` runs for every block
         self._upload_id = upload_id
         self._log_start: int | None = None  # set once open: the write log's interval start (INV7)
         try:
@@ -214,7 +214,7 @@ class PartialWriter:
         benchmark VM, whose free memory goes back to the host, writing a chunk into fresh pages
         cost 3x writing into the pages just dropped (6.7 against 2.4 ms per 8 MiB; bench/README.md).
         """
-        if not conf.FSYNC:
+        if not self._fsync:
             return
         try:
             os.fsync(self._fd)
