@@ -105,9 +105,15 @@ def start_server(media_root: Path, log_dir: Path, **env: str) -> Server:
             **env,
         },
     )
+    return spawn_gunicorn("project.wsgi", environment, port, log, write_log)
+
+
+def spawn_gunicorn(app: str, environment: dict[str, str], port: int, log: Path, write_log: Path) -> Server:
+    """gunicorn with the project's config serving `app` on `port` (BIND in `environment`), once
+    it accepts connections."""
     handle = log.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.py", "project.wsgi"],
+        [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.py", app],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
     )
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log, write_log=write_log)

@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import http.client
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from .server import ROOT, _free_port
+from .server import _free_port, spawn_gunicorn
 
 
 @pytest.fixture
 def start(tmp_path):
     """`start(threads=..., linger=...)`: one gunicorn worker serving the thread-id app."""
-    processes = []
+    servers = []
 
     def start(*, threads: int, linger: float) -> int:
         port = _free_port()
@@ -24,30 +22,13 @@ def start(tmp_path):
             "PATH": "/usr/bin:/bin", "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
             "GUNICORN_THREADS": str(threads), "GUNICORN_LINGER": str(linger),
         }
-        log = (tmp_path / f"gunicorn-{port}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.py", "tests.gunicorn_app:application"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        processes.append(process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / f"gunicorn-{port}.log").read_text()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return port
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("gunicorn did not start")
+        log = tmp_path / f"gunicorn-{port}.log"
+        servers.append(spawn_gunicorn("tests.gunicorn_app:application", env, port, log, tmp_path / "unused"))
+        return port
 
     yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    for server in servers:
+        server.stop()
 
 
 def _get(connection: http.client.HTTPConnection) -> str:
