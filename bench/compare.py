@@ -28,6 +28,8 @@ file system):
   same settings and database, to A/B a change within one run (the two trees must share the
   database schema). The JSON summary then also has every server's paired ratio to it
   (`x_project-tus-base`).
+- project-tus-base-nofsync: the same with UPLOADS_FSYNC=0, for the 64 KiB workload only (paired with
+  project-tus-nofsync: `x_project-tus-base-nofsync`).
 
 Workloads (sizes with --quick in brackets):
 - seq8m (a): 1 GiB [64 MiB] in 8 MiB chunks, one upload, one kept-alive connection.
@@ -106,7 +108,7 @@ TUS_NODE_FILES = ("package.json", "package-lock.json", "server.mjs")
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 SECRET_KEY = "bench-compare-secret-key-not-for-production-0123456789abcdef"
 SERVER_NAMES = ("raw", "raw-fsync", "tus-node", "project-tus", "project-rest", "project-tus-nofsync",
-                "project-tus-base")
+                "project-tus-base", "project-tus-base-nofsync")
 
 
 def log(message: str) -> None:
@@ -1035,7 +1037,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                       table=(*mb_cpu, ("p50_ms", "chunk p50 ms"), ("finalize_s", "finalize s")),
                       size=64 * MiB if quick else GiB, chunk=8 * MiB),
         ChunkedUpload("small64k", "b", f"{'8 MiB' if quick else '64 MiB'} in 64 KiB chunks",
-                      (*EVERYONE, "project-tus-nofsync"),
+                      (*EVERYONE, "project-tus-nofsync", "project-tus-base-nofsync"),
                       table=(("req_s", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                              ("cpu_s_per_gb", "CPU s/GB"), ("pg_cpu_s_per_gb", "PG CPU s/GB")),
                       size=8 * MiB if quick else 64 * MiB, chunk=64 * KiB),
@@ -1114,6 +1116,10 @@ class Bench:
                 base = self.project.gunicorn("project-base", fsync=True, root=Path(args.baseline).resolve())
                 self.servers["project-tus-base"] = ProjectServer(
                     "project-tus-base", base, Tus(auth), self.project, fsync=True)
+            if "project-tus-base-nofsync" in names:
+                base = self.project.gunicorn("project-base-nofsync", fsync=False, root=Path(args.baseline).resolve())
+                self.servers["project-tus-base-nofsync"] = ProjectServer(
+                    "project-tus-base-nofsync", base, Tus(auth), self.project, fsync=False)
         for server in self.servers.values():
             server.start()
             self.warm_up(server)
@@ -1231,7 +1237,7 @@ def summarise(results: list[Result], chosen: list[Workload]) -> dict:
                 if not values:
                     continue
                 entry = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-                for reference in (*REFERENCES, "project-tus-base"):
+                for reference in (*REFERENCES, "project-tus-base", "project-tus-base-nofsync"):
                     if reference in by_server or reference in REFERENCES:
                         entry[f"x_{reference}"] = paired_ratio(runs, by_server.get(reference, {}), metric)
                 table[server][metric] = entry
@@ -1377,9 +1383,9 @@ def select(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
         raise SystemExit(f"unknown server(s): {', '.join(sorted(unknown))}")
     needed = {name for w in chosen for name in w.servers}
     if not args.baseline:
-        if args.servers is not None and "project-tus-base" in names:
-            raise SystemExit("project-tus-base needs --baseline DIR")
-        needed.discard("project-tus-base")
+        if args.servers is not None and {"project-tus-base", "project-tus-base-nofsync"} & set(names):
+            raise SystemExit("project-tus-base and project-tus-base-nofsync need --baseline DIR")
+        needed -= {"project-tus-base", "project-tus-base-nofsync"}
     return chosen, [name for name in SERVER_NAMES if name in names and name in needed]
 
 
