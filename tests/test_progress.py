@@ -157,3 +157,84 @@ def test_progress_cache_alias_is_configurable(settings, upload):
     progress.record(upload, 9)
     assert caches["other"].get(progress.key_for(upload)) == 9
     assert caches["uploads"].get(progress.key_for(upload)) is None
+
+
+# --- The last total of a request, written after its response ------------------------------------
+
+
+@pytest.fixture
+def in_request():
+    """This thread handling a request, as Django's handler signals it (closed however the test ends)."""
+    progress.request_started()
+    yield
+    progress.request_finished()
+
+
+def stored(upload: UploadSession) -> bytes | None:
+    return get_redis_connection("uploads").get(raw_key(upload))
+
+
+def test_after_response_waits_for_the_request_to_finish(in_request, upload):
+    progress.record(upload, 10)
+    progress.record(upload, 20, after_response=True)
+    progress.record(upload, 30, after_response=True)  # the latest total wins
+    assert stored(upload) == b"10"
+    progress.request_finished()
+    assert stored(upload) == b"30"
+
+
+def test_after_response_outside_a_request_is_at_once(upload):
+    progress.record(upload, 7, after_response=True)
+    assert stored(upload) == b"7"
+
+
+def test_a_later_total_is_not_overwritten_by_a_deferred_one(in_request, upload):
+    progress.record(upload, 20, after_response=True)
+    progress.record(upload, 25)
+    progress.request_finished()
+    assert stored(upload) == b"25"
+
+
+def test_forget_drops_a_deferred_total(in_request, upload):
+    progress.record(upload, 20, after_response=True)
+    progress.forget(upload)
+    progress.request_finished()
+    assert stored(upload) is None  # a failed or deleted upload's key does not come back
+
+
+def test_a_response_never_closed_is_written_by_the_next_request(upload):
+    progress.request_started()
+    progress.record(upload, 40, after_response=True)
+    progress.request_started()  # the server never closed the first response
+    assert stored(upload) == b"40"
+    progress.request_finished()
+
+
+def test_deferred_totals_are_per_thread(in_request, upload):
+    import threading
+
+    progress.record(upload, 50, after_response=True)
+    other = threading.Thread(target=progress.request_finished)  # another thread's request ends
+    other.start()
+    other.join()
+    assert stored(upload) is None
+    progress.request_finished()
+    assert stored(upload) == b"50"
+
+
+@pytest.mark.django_db(transaction=True)  # commits for real, so on_commit runs inside the request
+def test_the_test_client_sees_the_total_after_a_chunk(client, user):
+    # Django's handler sends request_started and, when the response is closed, request_finished.
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.create(user=user)
+    created = client.post("/files/", headers={"Authorization": f"Token {token.key}", "Tus-Resumable": "1.0.0",
+                                               "Upload-Length": "10"})
+    assert created.status_code == 201
+    upload = UploadSession.objects.get()
+    response = client.patch(
+        created["Location"], b"12345", content_type="application/offset+octet-stream",
+        headers={"Authorization": f"Token {token.key}", "Tus-Resumable": "1.0.0", "Upload-Offset": "0"},
+    )
+    assert response.status_code == 204
+    assert progress.read(upload) == 5
