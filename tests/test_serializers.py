@@ -42,3 +42,13 @@ def test_the_representation_follows_the_upload(upload, rf):
     assert (before["offset"], before["filename"]) == (0, "a.bin")
     assert (after["offset"], after["filename"]) == (4, "b.bin")
     assert after["url"] == f"http://testserver/api/uploads/{upload.pk}"
+
+
+def test_binding_leaves_the_class_fields_untouched(upload, rf):
+    """The instances' fields are copies: serializing binds them, never the fields kept per class."""
+    one = UploadSerializer(upload, context={"request": rf.get("/")}).data
+    many = UploadSerializer([upload], many=True, context={"request": rf.get("/")}).data
+    assert many == [one]
+    kept = UploadSerializer._built_fields
+    assert all(field.parent is None and field.field_name is None for field in kept.values())
+    assert kept["url"].method_name is None  # set by `bind` on each copy, from its own name
