@@ -28,6 +28,11 @@ file system):
   same settings and database, to A/B a change within one run (the two trees must share the
   database schema). The JSON summary then also has every server's paired ratio to it
   (`x_project-tus-base`).
+- floor, floor-nofsync: bench/floor.py, a bare WSGI app doing the per-chunk work the project's
+  design fixes (one PostgreSQL round trip to authenticate, lock and read; write and hash; fsync,
+  or not; one to commit and unlock; a Redis SET after the response) under the project's gunicorn
+  config, in the project's database. For the 64 KiB chunks and the look-ups only: what bounds the
+  project there without Django, DRF and its own checks.
 - project-tus-base-nofsync: the same with UPLOADS_FSYNC=0, for the 64 KiB workload only (paired with
   project-tus-nofsync: `x_project-tus-base-nofsync`).
 
@@ -108,7 +113,7 @@ TUS_NODE_FILES = ("package.json", "package-lock.json", "server.mjs")
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 SECRET_KEY = "bench-compare-secret-key-not-for-production-0123456789abcdef"
 SERVER_NAMES = ("raw", "raw-fsync", "tus-node", "project-tus", "project-rest", "project-tus-nofsync",
-                "project-tus-base", "project-tus-base-nofsync")
+                "project-tus-base", "project-tus-base-nofsync", "floor", "floor-nofsync")
 
 
 def log(message: str) -> None:
@@ -577,6 +582,29 @@ class ProjectServer(Server):
 # The project's own services: PostgreSQL database, Redis keys, gunicorn
 # --------------------------------------------------------------------------------------------------
 
+class FloorServer(Server):
+    """bench/floor.py under the project's gunicorn config, in the project's database."""
+
+    def __init__(self, name: str, project: Project, fsync: bool):
+        import floor
+
+        self.name, self.writes_fsync = name, fsync
+        data = project.work / name
+        data.mkdir()
+        floor.setup(project.database.url)
+        redis_base = project.args.redis_url.rsplit("/", 1)[0]
+        service = project.gunicorn(
+            name, fsync, app="bench.floor:app", FLOOR_DSN=project.database.url, FLOOR_DIR=str(data),
+            FLOOR_FSYNC="1" if fsync else "0", FLOOR_REDIS=f"{redis_base}/13",
+        )
+        super().__init__(service, Tus({"Authorization": f"Token {floor.TOKEN}"}), data)
+        self.project = project
+
+    def db_pids(self) -> list[int] | None:
+        # The bench database's backends: while the floor is timed, the project's are idle.
+        return self.project.database.backend_pids()
+
+
 class Database:
     """A fresh database `bench_<pid>` on the shared PostgreSQL, dropped at the end."""
 
@@ -673,9 +701,9 @@ class Project:
             "u,_=User.objects.get_or_create(username='bench'); print(Token.objects.get_or_create(user=u)[0].key)",
         ).strip().splitlines()[-1]
 
-    def gunicorn(self, name: str, fsync: bool, root: Path = ROOT) -> Service:
+    def gunicorn(self, name: str, fsync: bool, root: Path = ROOT, app: str = "project.wsgi", **extra: str) -> Service:
         port = free_port()
-        env = self.env(BIND=f"127.0.0.1:{port}", UPLOADS_FSYNC="1" if fsync else "0")
+        env = self.env(BIND=f"127.0.0.1:{port}", UPLOADS_FSYNC="1" if fsync else "0", **extra)
         # The tree's own gunicorn config (a baseline is served as it was configured), with the
         # access log off (accesslog = None, not /dev/null).
         config = self.work / f"gunicorn_{name}.py"
@@ -683,7 +711,7 @@ class Project:
             f"exec(compile(open({str(root / 'project' / 'gunicorn.py')!r}).read(), 'project/gunicorn.py', 'exec'))\n"
             "accesslog = None\n"
         )
-        command = [sys.executable, "-m", "gunicorn", "-c", str(config), "project.wsgi"]
+        command = [sys.executable, "-m", "gunicorn", "-c", str(config), app]
         service = Service(name, command, root, env, self.work / f"{name}.log", port)
         self.services.append(service)
         return service
@@ -1037,7 +1065,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                       table=(*mb_cpu, ("p50_ms", "chunk p50 ms"), ("finalize_s", "finalize s")),
                       size=64 * MiB if quick else GiB, chunk=8 * MiB),
         ChunkedUpload("small64k", "b", f"{'8 MiB' if quick else '64 MiB'} in 64 KiB chunks",
-                      (*EVERYONE, "project-tus-nofsync", "project-tus-base-nofsync"),
+                      (*EVERYONE, "project-tus-nofsync", "project-tus-base-nofsync", "floor", "floor-nofsync"),
                       table=(("req_s", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                              ("cpu_s_per_gb", "CPU s/GB"), ("pg_cpu_s_per_gb", "PG CPU s/GB")),
                       size=8 * MiB if quick else 64 * MiB, chunk=64 * KiB),
@@ -1049,7 +1077,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                    table=(*mb_cpu, ("p50_ms", "chunk p50 ms"), ("rss_growth_mib", "RSS +MiB")),
                    clients=8, size=16 * MiB if quick else 128 * MiB),
         Lookups("lookup", "e", f"{200 if quick else 2000} offset look-ups, one kept-alive connection",
-                ("raw", "tus-node", *PROJECT), writes=False,
+                ("raw", "tus-node", *PROJECT, "floor"), writes=False,
                 table=(("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("lookups_s", "look-ups/s"),
                        ("server_cpu_ms_per_lookup", "CPU ms/look-up"), ("pg_cpu_ms_per_lookup", "PG CPU ms/look-up")),
                 count=200 if quick else 2000),
@@ -1100,7 +1128,7 @@ class Bench:
             self.versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
                                                    timeout=30).stdout.strip()
             self.servers["tus-node"] = TusNodeServer(work)
-        if any(name.startswith("project") for name in names):
+        if any(name.startswith(("project", "floor")) for name in names):
             self.project = Project(args, work)
             self.project.setup()
             auth = {"Authorization": f"Token {self.project.token}"}
@@ -1120,6 +1148,9 @@ class Bench:
                 base = self.project.gunicorn("project-base-nofsync", fsync=False, root=Path(args.baseline).resolve())
                 self.servers["project-tus-base-nofsync"] = ProjectServer(
                     "project-tus-base-nofsync", base, Tus(auth), self.project, fsync=False)
+            for name, fsync in (("floor", True), ("floor-nofsync", False)):
+                if name in names:
+                    self.servers[name] = FloorServer(name, self.project, fsync)
         for server in self.servers.values():
             server.start()
             self.warm_up(server)
