@@ -7,9 +7,8 @@ n-th) time it reaches that point, the way a power cut or the OOM killer would: n
 response, locks released by the kernel and the database.
 
 Points, in the order a chunk passes them: `before_write`, `mid_body` (after each block written),
-`after_write`, `after_fsync`, `after_commit`, `after_redis` (after the Redis write, or, for a
-request's last commit, once that write is set to follow the response), `before_response`; while
-finishing an upload: `finalize_before_rename`, `finalize_after_rename`, `finalize_after_commit`; while expiring
+`after_write`, `after_fsync`, `after_commit`, `after_redis`, `before_response`; while finishing an
+upload: `finalize_before_rename`, `finalize_after_rename`, `finalize_after_commit`; while expiring
 one (cleanup): `expire_after_delete`, between deleting its data and marking its row expired.
 
 The write log (INV7, one writer per upload): with the hooks on and `UPLOADS_WRITE_LOG` naming a

@@ -13,16 +13,10 @@ The database row is the truth and this is a cache that trails it: it is written 
 offset is committed (`transaction.on_commit`), read only for display, and never used to decide
 where a chunk goes. When Redis is down, slow or flushed, every function here degrades to "no value"
 within the socket timeout, and backs off for a few seconds so uploads do not wait on it per chunk.
-
-The total a request commits last is written after its response has been sent (`after_response`):
-the client's acknowledgement then does not wait for the Redis round trip, which instead overlaps
-with the client preparing its next chunk (bench/README.md: +7 % requests/s with 64 KiB chunks).
-Totals committed earlier in a long request are written at once, so its progress stays visible.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 
@@ -64,45 +58,8 @@ def reset_backoff() -> None:
     _down_until = 0.0
 
 
-# Per thread: the totals to write once the request being handled has been answered, by key (the
-# latest wins), or None while no request is being handled (see `request_started`).
-_deferred = threading.local()
-
-
-def request_started(**kwargs: object) -> None:
-    """Django's `request_started`: totals recorded with `after_response` wait for the response."""
-    _write_deferred()  # a response the server never closed (its totals are still committed)
-    _deferred.totals = {}
-
-
-def request_finished(**kwargs: object) -> None:
-    """Django's `request_finished`, sent when the WSGI server closes the response: after its last
-    byte went out (gunicorn), or when the test client has it."""
-    _write_deferred()
-
-
-def _write_deferred() -> None:
-    totals, _deferred.totals = getattr(_deferred, "totals", None), None
-    for upload, total in (totals or {}).values():
-        _store(upload, total)
-
-
-def record(upload: UploadSession, total: int, *, after_response: bool = False) -> None:
-    """Store the running total. Call only after `total` is committed to the database.
-
-    `after_response`: while this thread handles a request, store it once the response has been
-    sent; for the last total a request commits. Elsewhere (commands, the shell), at once.
-    """
-    totals = getattr(_deferred, "totals", None)
-    if after_response and totals is not None:
-        totals[key_for(upload)] = (upload, int(total))
-        return
-    if totals:  # a later total for the same key must not be overwritten by the deferred one
-        totals.pop(key_for(upload), None)
-    _store(upload, total)
-
-
-def _store(upload: UploadSession, total: int) -> None:
+def record(upload: UploadSession, total: int) -> None:
+    """Store the running total. Call only after `total` is committed to the database."""
     cache = _cache()
     if cache is None:
         return
@@ -113,9 +70,6 @@ def _store(upload: UploadSession, total: int) -> None:
 
 
 def forget(upload: UploadSession) -> None:
-    totals = getattr(_deferred, "totals", None)
-    if totals:  # nor may a deferred total bring the key back
-        totals.pop(key_for(upload), None)
     cache = _cache()
     if cache is None:
         return

@@ -264,13 +264,12 @@ class _Append:
         if self.running is not None:
             self.running.update(block)
 
-    def commit(self, *, last: bool = False, release: locks.Held | None = None) -> None:
+    def commit(self, *, release: locks.Held | None = None) -> None:
         """fsync the bytes written so far, then record them (DB, then Redis, then the digest).
 
-        `last`: the request writes nothing more; its Redis total may wait until it is answered.
-        `release`: and the upload's lock may be released in the same round trip as the commit (on
-        PostgreSQL). The file is closed first: whoever takes the lock next is then the only writer
-        with the file open (RELIABILITY INV7).
+        `release`: the request writes nothing more, so the upload's lock may be released in the
+        same round trip as the commit (on PostgreSQL). The file is closed first: whoever takes the
+        lock next is then the only writer with the file open (RELIABILITY INV7).
         """
         if self.writer.position == self.committed:
             return
@@ -279,7 +278,7 @@ class _Append:
         crash_point("after_fsync")
         if release is not None:
             self.writer.close()
-        _commit_offset(self.upload, old=self.committed, new=self.writer.position, last=last, release=release)
+        _commit_offset(self.upload, old=self.committed, new=self.writer.position, release=release)
         self.committed = self.writer.position
         self.last_commit_at = time.monotonic()
         if self.running is not None:
@@ -536,7 +535,7 @@ def _write(
                 "The chunk does not match its checksum; it was discarded.", offset=state.committed
             )
         try:
-            state.commit(last=True, release=held if writer.position != upload.size else None)
+            state.commit(release=held if writer.position != upload.size else None)
         except (StorageFull, StorageFailure):
             writer.truncate(state.committed)
             raise
@@ -592,12 +591,9 @@ def _renewed_expiry(upload: UploadSession, now: datetime) -> datetime:
     return renewed
 
 
-def _commit_offset(
-    upload: UploadSession, *, old: int, new: int, last: bool = False, release: locks.Held | None = None
-) -> None:
+def _commit_offset(upload: UploadSession, *, old: int, new: int, release: locks.Held | None = None) -> None:
     """Move the committed offset from `old` to `new`, only if nobody else moved it meanwhile;
-    then release `release`, the upload's lock, if given (see `locks.commit_offset`). `last`: the
-    request's last commit, whose Redis total is written after its response."""
+    then release `release`, the upload's lock, if given (see `locks.commit_offset`)."""
     now = timezone.now()
     expires_at = _renewed_expiry(upload, now)
     updated = locks.commit_offset(
@@ -615,7 +611,7 @@ def _commit_offset(
         _raise_fenced(upload)
     crash_point("after_commit")
     # Redis only after the commit: at once in autocommit, or when an enclosing transaction commits.
-    transaction.on_commit(lambda: progress.record(upload, new, after_response=last))
+    transaction.on_commit(lambda: progress.record(upload, new))
     crash_point("after_redis")
     upload.offset, upload.updated_at, upload.expires_at = new, now, expires_at
 
@@ -720,7 +716,7 @@ def _finalize(upload: UploadSession) -> None:
         )
         if updated != 1:
             _raise_fenced(upload)
-        transaction.on_commit(lambda: progress.record(upload, upload.size, after_response=True))
+        transaction.on_commit(lambda: progress.record(upload, upload.size))
     crash_point("finalize_after_commit")
     selectors.upload_reload(upload)
     logger.info("upload %s complete: %s (%d bytes)", upload.pk, upload.filename, upload.size)
