@@ -12,7 +12,8 @@ what other work on the machine uses:
 - its own `redis-server --save '' --appendonly no` on a free port (the default cache in db 0, the
   running totals in db 1);
 - a temporary MEDIA_ROOT;
-- gunicorn with the project's config (gthread), `--workers` x `--threads`, DEBUG off.
+- gunicorn with the project's config (its worker, gthread-based: project/gunicorn_worker.py),
+  `--workers` x `--threads`, DEBUG off.
 
 Half the clients use the REST API (POST /api/uploads/, then PUT chunks with Content-Range), half
 tus 1.0.0 (POST /files/, then PATCH with Upload-Offset). Each sends `--size` bytes of pseudo-random
@@ -1128,7 +1129,7 @@ def print_summary(s: dict) -> None:
     rows = [
         ("configuration", f"{c['concurrent']} concurrent clients (half REST, half tus), "
                           f"new uploads until {c['min_seconds']:g} s; {c['size'] / MiB:g} MiB each in "
-                          f"{c['chunk'] / MiB:g} MiB chunks; gunicorn {c['workers']} x {c['threads']} gthread; "
+                          f"{c['chunk'] / MiB:g} MiB chunks; gunicorn {c['workers']} x {c['threads']} threads; "
                           f"PostgreSQL + Redis; {c['cpus']} CPUs"),
         ("uploads", f"{c['uploads']} ({c['rest']} REST, {c['tus']} tus)"),
         ("uploads ok / failed", f"{s['uploads_ok']} / {s['uploads_failed']}  (REST {s['rest_ok']}, tus {s['tus_ok']})"),

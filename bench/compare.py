@@ -30,7 +30,7 @@ file system):
   (`x_project-tus-base`).
 - floor, floor-nofsync: bench/floor.py, a bare WSGI app doing the per-chunk work the project's
   design fixes (one PostgreSQL round trip to authenticate, lock and read; write and hash; fsync,
-  or not; one to commit and unlock; a Redis SET after the response) under the project's gunicorn
+  or not; one to commit and unlock; a Redis SET) under the project's gunicorn
   config, in the project's database. For the 64 KiB chunks and the look-ups only: what bounds the
   project there without Django, DRF and its own checks.
 - project-tus-base-nofsync: the same with UPLOADS_FSYNC=0, for the 64 KiB workload only (paired with

@@ -14,7 +14,7 @@ asks of every chunk, the way the project does it:
    running SHA-256 (the project records every upload's digest); fsync with FLOOR_FSYNC=1;
 3. commit the new offset with a conditional UPDATE, then release the lock: one round trip (a
    procedure, as migration 0005; `synchronous_commit` off for it without fsync);
-4. answer, and then SET the running total in Redis (as the project does after its response).
+4. SET the running total in Redis, then answer (as the project does).
 
 No Django, DRF or ORM: psycopg and redis-py, a connection of each per thread. What is left
 between this and the project is Django, DRF and the project's own checks; what is left between
@@ -150,20 +150,9 @@ class Floor:
         finally:
             os.close(fd)
         self.db().execute("CALL floor_commit(%s, %s, %s, %s, %s, NULL)", [upload_id, offset, position, self.fsync, key])
+        self.redis.set(f"floor:progress:{upload_id.hex}", position, ex=600)  # the key expires by itself
         start_response("204 No Content", [*HEADERS, ("Upload-Offset", str(position))])
-        total = f"floor:progress:{upload_id.hex}"
-        return AfterResponse(lambda: self.redis.set(total, position, ex=600))  # the key expires by itself
-
-
-class AfterResponse(list):
-    """An empty body whose `close`, which the server calls once the response is sent, runs `then`."""
-
-    def __init__(self, then) -> None:
-        super().__init__()
-        self.then = then
-
-    def close(self) -> None:
-        self.then()
+        return []
 
 
 app = Floor() if "FLOOR_DSN" in os.environ else None
