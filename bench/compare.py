@@ -28,13 +28,13 @@ file system):
   same settings and database, to A/B a change within one run (the two trees must share the
   database schema). The JSON summary then also has every server's paired ratio to it
   (`x_project-tus-base`).
-- floor, floor-nofsync: bench/floor.py, a bare WSGI app doing the per-chunk work the project's
-  design fixes (one PostgreSQL round trip to authenticate, lock and read; write and hash; fsync,
-  or not; one to commit and unlock; a Redis SET) under the project's gunicorn
-  config, in the project's database. For the 64 KiB chunks and the look-ups only: what bounds the
-  project there without Django, DRF and its own checks.
 - project-tus-base-nofsync: the same with UPLOADS_FSYNC=0, for the 64 KiB workload only (paired with
   project-tus-nofsync: `x_project-tus-base-nofsync`).
+- floor, floor-nofsync: bench/floor.py, a bare WSGI app doing the per-chunk work the project's
+  design fixes (one PostgreSQL round trip to authenticate, lock and read; write and hash; fsync,
+  or not; one to commit and unlock; a Redis SET) under the project's gunicorn config, in the
+  project's database. For the 64 KiB chunks and the look-ups only: what bounds the
+  project there without Django, DRF and its own checks.
 
 Workloads (sizes with --quick in brackets):
 - seq8m (a): 1 GiB [64 MiB] in 8 MiB chunks, one upload, one kept-alive connection.

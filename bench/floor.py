@@ -112,11 +112,16 @@ class Floor:
             start_response("200 OK", [*HEADERS, ("Upload-Offset", str(found[1])), ("Upload-Length", str(found[2]))])
             return []
         key = upload_id.int >> 65  # a bigint made from the id, like the project's lock keys
-        (flag, owned, offset, _size) = self.db().execute(
-            "SELECT * FROM floor_lock_and_read(%s, %s, %s)", [key, upload_id, token]).fetchone()
-        if not (flag and owned):
+        row = self.db().execute("SELECT * FROM floor_lock_and_read(%s, %s, %s)", [key, upload_id, token]).fetchone()
+        if row is None or not row[0]:  # no such upload (the lock was taken), or the lock is busy
+            if row is None:
+                self.db().execute("SELECT pg_advisory_unlock(%s)", [key])
+            start_response("404 Not Found" if row is None else "423 Locked", HEADERS)
+            return []
+        flag, owned, offset, _size = row
+        if not owned:
             self.db().execute("SELECT pg_advisory_unlock(%s)", [key])
-            start_response("423 Locked" if not flag else "404 Not Found", HEADERS)
+            start_response("404 Not Found", HEADERS)
             return []
         return self.patch(environ, start_response, upload_id, key, offset)
 
